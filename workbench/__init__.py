@@ -1,0 +1,10 @@
+"""Quantization Workbench: quantize a causal LM, measure it, compare methods, fine-tune.
+
+The public API is small: configs, the method registry, `run_method`/`compare`, and
+the result records. Heavy libraries are imported lazily, so `import workbench` is instant.
+"""
+
+from .config import EvalConfig, ModelSpec
+from .errors import WorkbenchError
+
+__all__ = ["EvalConfig", "ModelSpec", "WorkbenchError"]

@@ -1,0 +1,71 @@
+"""Typed settings shared by every surface (CLI, panels, notebooks, tests).
+
+Each dataclass validates itself in `__post_init__`, so a bad value is reported where
+it is typed, with the field's name, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import WorkbenchError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and where to run it."""
+
+    name: str = "smollm2-135m"
+    """Short name (`smollm2-135m`, alias `bundled`), hub id, local folder or `.gguf` file."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
+    token: str | None = field(default=None, repr=False, compare=False)
+    """Hugging Face token for gated models. Never printed, logged or stored."""
+
+    def __post_init__(self):
+        if not self.name or not self.name.strip():
+            raise WorkbenchError("model: empty name. Give a short name (e.g. 'bundled'), a hub id, a folder or a .gguf file.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise WorkbenchError(f"device: {self.device!r} is not one of auto, cpu, cuda.")
+
+    def resolved_device(self) -> str:
+        """The device the work will actually run on."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise WorkbenchError("device: 'cuda' was asked for but no CUDA GPU is visible. Use --device cpu, or in Colab: Runtime -> Change runtime type -> GPU.")
+        return self.device
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How perplexity is measured. The values travel with every result as its protocol."""
+
+    max_length: int = 512
+    """Tokens per window, BOS included when the model expects one."""
+    stride: int = 512
+    """Tokens the window moves each step; `stride == max_length` means no overlap."""
+    max_tokens: int = 4096
+    """Evaluate on at most this many tokens from the start of the evaluation text (0 = all)."""
+    batch_size: int = 4
+    """Windows per forward pass."""
+    text_path: str | None = None
+    """A UTF-8 text file to evaluate on; None = the built-in offline text (pydoc topics)."""
+    decode_tokens: int = 32
+    """New tokens generated to measure decode throughput (0 = skip the speed measurement)."""
+
+    def __post_init__(self):
+        for name in ("max_length", "stride", "batch_size"):
+            if getattr(self, name) < 1:
+                raise WorkbenchError(f"{name}: must be a positive integer, got {getattr(self, name)}.")
+        if self.max_length < 8:
+            raise WorkbenchError(f"max_length: {self.max_length} is too short to measure perplexity; use 128 or more.")
+        if self.stride > self.max_length:
+            raise WorkbenchError(f"stride: {self.stride} is larger than max_length {self.max_length}; tokens would be skipped. Use stride <= max_length.")
+        if self.max_tokens < 0 or self.decode_tokens < 0:
+            raise WorkbenchError("max_tokens and decode_tokens must be 0 or more.")
+
+    def protocol(self) -> dict:
+        return {"max_length": self.max_length, "stride": self.stride}

@@ -1,0 +1,88 @@
+"""The only module that reads text: evaluation text, calibration blocks, fine-tuning sets.
+
+Offline, evaluation and calibration use real English prose that every CPython ships:
+the standard library's `pydoc_data.topics` (79 help topics, ~465k characters). The
+evaluation text is taken from the first half and calibration from the second half, so
+the two never overlap. With a network (Colab), wikitext-2-raw test is offered: the
+protocol of the GPTQ/AWQ papers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import WorkbenchError
+
+BUILTIN_NAME = "pydoc-topics"
+MIN_EVAL_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Text:
+    name: str
+    """How the text is labelled in every result."""
+    text: str
+
+
+def builtin_corpus() -> str:
+    """All pydoc topics, in a fixed (sorted) order, separated by blank lines."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key].strip() for key in sorted(topics))
+
+
+def builtin_eval_text() -> Text:
+    corpus = builtin_corpus()
+    return Text(f"{BUILTIN_NAME} (first half)", corpus[: len(corpus) // 2])
+
+
+def builtin_calibration_text() -> Text:
+    corpus = builtin_corpus()
+    return Text(f"{BUILTIN_NAME} (second half)", corpus[len(corpus) // 2 :])
+
+
+def read_text_file(path: str) -> Text:
+    """A user's plain UTF-8 text file, with an actionable error for every way it can be wrong."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise WorkbenchError(f"eval text {path!r}: no such file.")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise WorkbenchError(f"eval text {path!r}: not UTF-8 text (byte {exc.start}). Save it as UTF-8 plain text.") from None
+    if not text.strip():
+        raise WorkbenchError(f"eval text {path!r}: the file is empty. Give a file with at least a few paragraphs of text.")
+    return Text(file.name, text)
+
+
+def wikitext2_test() -> Text:
+    """wikitext-2-raw-v1 test split joined with blank lines, as in the GPTQ paper (needs a network)."""
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+    except Exception as exc:
+        raise WorkbenchError(f"eval text 'wikitext2': could not download it ({type(exc).__name__}). Offline, leave the evaluation text at its default.") from None
+    return Text("wikitext-2-raw-v1 test", "\n\n".join(rows))
+
+
+def eval_tokens(tokenizer, text: Text, max_tokens: int) -> list[int]:
+    """Token ids of the evaluation text (no special tokens), cut to `max_tokens` (0 = all)."""
+    # Tokenize only a generous prefix: ~4 characters per token in English prose.
+    chars = text.text if not max_tokens else text.text[: max_tokens * 8]
+    ids = tokenizer(chars, add_special_tokens=False)["input_ids"]
+    ids = ids[:max_tokens] if max_tokens else ids
+    if len(ids) < MIN_EVAL_TOKENS:
+        raise WorkbenchError(f"eval text {text.name!r}: only {len(ids)} tokens; perplexity needs at least {MIN_EVAL_TOKENS}. Give a longer text.")
+    return ids
+
+
+def calibration_blocks(tokenizer, samples: int, block_tokens: int, text: Text | None = None) -> list[list[int]]:
+    """`samples` consecutive blocks of exactly `block_tokens` token ids from the calibration text."""
+    text = text or builtin_calibration_text()
+    needed = samples * block_tokens
+    ids = tokenizer(text.text[: needed * 8], add_special_tokens=False)["input_ids"]
+    if len(ids) < needed:
+        raise WorkbenchError(f"calibration: {text.name!r} has {len(ids)} tokens, fewer than {samples} blocks x {block_tokens}. Lower the sample count or block length.")
+    return [ids[i * block_tokens : (i + 1) * block_tokens] for i in range(samples)]

@@ -1,0 +1,30 @@
+"""AWQ (activation-aware weight quantization) through gptqmodel, saved and reloaded via transformers.
+
+autoawq is deprecated (adopted by llm-compressor) and transformers cannot quantize AWQ
+itself: it only loads AWQ checkpoints. Calibration uses equal-length token blocks:
+gptqmodel 7.6 keeps only the last batch when texts differ in length, which ruins AWQ.
+"""
+
+from __future__ import annotations
+
+from . import register
+from .base import Method, Param
+from .gptq import BLOCK_TOKENS, GROUP, PIP, SAMPLES, _save, quantize_with_gptqmodel, reload_quantized
+
+
+def _quantize(request):
+    from gptqmodel import QuantizeConfig
+    from gptqmodel.quantization import FORMAT, METHOD
+
+    config = QuantizeConfig(bits=4, group_size=request.params["group_size"], sym=not request.params["zero_point"],
+                            quant_method=METHOD.AWQ, format=FORMAT.GEMM)
+    return quantize_with_gptqmodel(request, "awq", config, backend="awq_torch" if request.device == "cpu" else None)
+
+
+register(Method(
+    name="awq", family="awq", bits=4, needs_calibration=True, backend="gptqmodel", pip=PIP, trainable=True,
+    summary="AWQ: scales the weight channels that meet large activations before rounding, from calibration data.",
+    params=(GROUP, Param("zero_point", False, "Asymmetric groups with a zero point."), SAMPLES, BLOCK_TOKENS),
+    quantize=_quantize, save=_save, reload=reload_quantized, kernel="gptqmodel",
+    limits=("LoRA adapters train on it but cannot be merged into it.", "Slow on CPU: several minutes for a 135M model."),
+))

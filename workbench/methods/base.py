@@ -1,0 +1,156 @@
+"""What a quantization method declares, and the request it is given to run.
+
+A `Method` is data plus two functions: `quantize(request) -> model` and, when the
+method can be saved, `reload(folder, request) -> model`. Everything a surface needs
+(parameter forms, availability, install lines) is read from these declarations, so
+adding a method means adding one module under `workbench/methods/`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import WorkbenchError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable setting of a method, with its default and its validation."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple = ()
+    minimum: float | None = None
+
+    def check(self, method: str, value: Any) -> Any:
+        """Coerce `value` (possibly a string from the CLI) to the default's type and validate it."""
+        kind = type(self.default)
+        try:
+            if kind is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = value.lower() in ("true", "1", "yes")
+            else:
+                value = kind(value)
+        except (TypeError, ValueError):
+            raise WorkbenchError(f"{method}: parameter {self.name}={value!r} is not a {kind.__name__}. {self.help}") from None
+        if self.choices and value not in self.choices:
+            allowed = ", ".join(str(c) for c in self.choices)
+            raise WorkbenchError(f"{method}: {self.name}={value!r} is not supported; choose one of {allowed}.")
+        if self.minimum is not None and value < self.minimum:
+            raise WorkbenchError(f"{method}: {self.name}={value!r} must be at least {self.minimum}.")
+        return value
+
+
+@dataclass
+class QuantizeRequest:
+    """Everything a method needs to produce a quantized model."""
+
+    source: Any
+    """A `models.ModelSource`: where the full-precision weights are."""
+    params: dict
+    """Validated parameters (defaults filled in)."""
+    device: str
+    """`cpu` or `cuda`."""
+    workdir: Path
+    """A folder the method may write to (quantize-save-reload methods save here)."""
+    calibration: list[list[int]] | None = None
+    """Equal-length token blocks, for methods that need calibration."""
+    log: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class Method:
+    """A quantization method as the registry knows it."""
+
+    name: str
+    family: str
+    bits: int
+    summary: str
+    quantize: Callable[[QuantizeRequest], Any]
+    params: tuple[Param, ...] = ()
+    needs_calibration: bool = False
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    backend: str | None = None
+    """Import name of the package that does the work (None: transformers/torch only)."""
+    pip: str | None = None
+    """The install line that makes the backend available."""
+    trainable: bool = False
+    """Whether PEFT can train LoRA adapters on top of it."""
+    reload: Callable[[Path, QuantizeRequest], Any] | None = None
+    """Loads a copy saved by `save`; None when the method cannot be saved."""
+    save: Callable[[Any, Path], None] | None = None
+    kernel: str = ""
+    """The compute path used on CPU/GPU, shown in the results table."""
+    limits: tuple[str, ...] = field(default=())
+    """Known limitations a user should read before picking it."""
+
+    @property
+    def serializable(self) -> bool:
+        return self.save is not None and self.reload is not None
+
+    def resolve_params(self, overrides: dict | None = None) -> dict:
+        """Defaults updated with `overrides`, each validated. Unknown names are an error."""
+        overrides = dict(overrides or {})
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            have = ", ".join(known) or "none"
+            raise WorkbenchError(f"{self.name}: unknown parameter(s) {', '.join(unknown)}; this method takes: {have}.")
+        return {name: p.check(self.name, overrides.get(name, p.default)) for name, p in known.items()}
+
+    def bits_for(self, params: dict) -> int:
+        return int(params.get("bits", self.bits))
+
+    def unavailable_reason(self, device: str | None = None) -> str | None:
+        """Why this method cannot run here (None when it can)."""
+        if self.backend and importlib.util.find_spec(self.backend) is None:
+            return f"needs the '{self.backend}' package: {self.pip}"
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in self.devices:
+            where = " or ".join(self.devices)
+            return f"runs on {where} only; this machine has {device}. In Colab: Runtime -> Change runtime type -> GPU."
+        return None
+
+    def describe(self) -> dict:
+        reason = self.unavailable_reason()
+        return {
+            "name": self.name,
+            "family": self.family,
+            "bits": self.bits,
+            "summary": self.summary,
+            "available": reason is None,
+            "reason": reason,
+            "needs_calibration": self.needs_calibration,
+            "devices": list(self.devices),
+            "backend": self.backend,
+            "pip": self.pip,
+            "trainable": self.trainable,
+            "serializable": self.serializable,
+            "params": [{"name": p.name, "default": p.default, "choices": list(p.choices), "help": p.help} for p in self.params],
+            "limits": list(self.limits),
+        }
+
+
+def check_group_size(method: str, group_size: int, source) -> None:
+    """A group must divide every linear layer's input width; say which layer it does not fit."""
+    from ..models import linear_input_widths
+
+    if group_size <= 0:  # -1 / 0: one group per row
+        return
+    widths = linear_input_widths(source)
+    bad = {name: width for name, width in widths.items() if width % group_size}
+    if bad:
+        name, width = next(iter(bad.items()))
+        fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths.values())]
+        raise WorkbenchError(
+            f"{method}: group_size={group_size} does not divide the input width {width} of layer {name} "
+            f"({len(bad)} layers affected); group sizes that fit this model: {', '.join(map(str, fits)) or 'none of 32/64/128'}."
+        )

@@ -1,0 +1,83 @@
+"""GPTQ and plain round-to-nearest (RTN) through gptqmodel's own API.
+
+auto-gptq is unmaintained and does not import with transformers 5; transformers 5
+runs GPTQ only through gptqmodel. Path used: `GPTQModel.load(folder, config)` ->
+`quantize(calibration)` -> `save(workdir)` -> reload through transformers. The reload
+is the path users ship, and gptqmodel's in-memory model after `quantize()` gave
+garbage on CPU (loss ~1e34), so the reloaded model is what gets measured.
+
+RTN writes the same format with no calibration: the baseline that shows what GPTQ's
+error-correcting calibration buys at the same bits and group size.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import models
+from . import register
+from .base import Method, Param, check_group_size
+
+PIP = "pip install gptqmodel==7.6.* optimum==2.3.0"
+GROUP = Param("group_size", 64, "Weights per scale group; must divide each layer's input width (-1: one group per row).", minimum=-1)
+SAMPLES = Param("samples", 16, "Calibration blocks (equal-length token blocks from the calibration text).", minimum=1)
+BLOCK_TOKENS = Param("block_tokens", 256, "Tokens per calibration block.", minimum=16)
+
+
+def quantize_with_gptqmodel(request, method: str, config, backend=None):
+    """Quantize with gptqmodel, save to `request.workdir`, reload through transformers."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    from gptqmodel import GPTQModel
+
+    check_group_size(method, request.params["group_size"], request.source)
+    model = GPTQModel.load(request.source.location, config, device=request.device)
+    calibration = None
+    if request.calibration is not None:
+        calibration = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in request.calibration]
+    kwargs = {"backend": backend} if backend else {}
+    model.quantize(calibration, batch_size=1, **kwargs)
+    model.save(str(request.workdir))
+    del model
+    return reload_quantized(request.workdir, request)
+
+
+def reload_quantized(folder, request):
+    return models.load_model(models.ModelSource(request.source.label, str(folder)), request.device)
+
+
+def _gptq_config(params):
+    from gptqmodel import QuantizeConfig
+
+    return QuantizeConfig(bits=params["bits"], group_size=params["group_size"], desc_act=params["act_order"],
+                          damp_percent=params["damp"])
+
+
+def _rtn_config(params):
+    from gptqmodel import RTNConfig
+
+    return RTNConfig(bits=params["bits"], group_size=params["group_size"], sym=params["sym"])
+
+
+def _save(model, folder):
+    model.save_pretrained(folder)
+
+
+register(Method(
+    name="gptq", family="gptq", bits=4, needs_calibration=True, backend="gptqmodel", pip=PIP, trainable=True,
+    summary="GPTQ: rounds weights column by column and corrects the error with second-order calibration statistics.",
+    params=(Param("bits", 4, "Bits per weight.", (2, 3, 4, 8)), GROUP,
+            Param("act_order", False, "Quantize columns in order of decreasing activation size (desc_act)."),
+            Param("damp", 0.05, "Dampening added to the Hessian diagonal, as a fraction of its mean.", minimum=0.0),
+            SAMPLES, BLOCK_TOKENS),
+    quantize=lambda request: quantize_with_gptqmodel(request, "gptq", _gptq_config(request.params)),
+    save=_save, reload=reload_quantized, kernel="gptqmodel",
+    limits=("LoRA adapters train on it but cannot be merged into it.", "Slow on CPU: about 4 s per block of layers with 16 samples."),
+))
+register(Method(
+    name="rtn", family="gptq", bits=4, backend="gptqmodel", pip=PIP, trainable=True,
+    summary="Round to nearest in GPTQ's format, no calibration: the baseline GPTQ improves on.",
+    params=(Param("bits", 4, "Bits per weight.", (2, 3, 4, 8)), GROUP,
+            Param("sym", True, "Symmetric (no zero point); False adds a zero point per group.")),
+    quantize=lambda request: quantize_with_gptqmodel(request, "rtn", _rtn_config(request.params)),
+    save=_save, reload=reload_quantized, kernel="gptqmodel",
+))

@@ -1,0 +1,42 @@
+"""HQQ (Half-Quadratic Quantization) through the `hqq` library: no calibration, fast.
+
+transformers' `HqqConfig` path is broken in 5.23 (NotImplementedError), so the library's
+own `AutoHQQHFModel` quantizes, saves and reloads.
+"""
+
+from __future__ import annotations
+
+from .. import models
+from . import register
+from .base import Method, Param, check_group_size
+
+
+def _quantize(request):
+    from hqq.core.quantize import BaseQuantizeConfig
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    check_group_size("hqq", request.params["group_size"], request.source)
+    model = models.load_model(request.source, "cpu")
+    config = BaseQuantizeConfig(nbits=request.params["bits"], group_size=request.params["group_size"])
+    AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=models.compute_dtype(request.device), device=request.device)
+    return model
+
+
+def _reload(folder, request):
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    return AutoHQQHFModel.from_quantized(str(folder), compute_dtype=models.compute_dtype(request.device), device=request.device)
+
+
+def _save(model, folder):
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    AutoHQQHFModel.save_quantized(model, str(folder))
+
+
+register(Method(
+    name="hqq", family="hqq", bits=4, summary="Half-quadratic optimisation of scales and zeros per group; no calibration data.",
+    params=(Param("bits", 4, "Bits per weight.", (2, 3, 4, 8)), Param("group_size", 64, "Weights per scale/zero group; must divide each layer's input width.", minimum=8)),
+    quantize=_quantize, save=_save, reload=_reload, backend="hqq", pip="pip install hqq==0.2.8.post1", trainable=True,
+    kernel="hqq (dequantize + torch matmul)",
+))
