@@ -13,8 +13,11 @@ error-correcting calibration buys at the same bits and group size.
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 from .. import models
+from ..errors import WorkbenchError
 from . import register
 from .base import Method, Param, check_group_size
 
@@ -59,7 +62,12 @@ def _rtn_config(params):
 
 
 def _save(model, folder):
-    model.save_pretrained(folder)
+    """Copy the checkpoint gptqmodel wrote: transformers' own save_pretrained of a reloaded
+    GPTQ model writes a layout it cannot load back (qweight shape mismatch, measured)."""
+    checkpoint = Path(model.name_or_path)
+    if not (checkpoint / "config.json").is_file():
+        raise WorkbenchError(f"the quantized checkpoint {checkpoint} is gone; quantize again, then save.")
+    shutil.copytree(checkpoint, folder, dirs_exist_ok=True)
 
 
 register(Method(

