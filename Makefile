@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m workbench compare --model bundled --out results
+	$(PY) -m workbench compare --model bundled --max-tokens 2048 --decode-tokens 16 --out results
 
 test: setup
 	$(PY) -m pytest

@@ -79,3 +79,28 @@ def write_report(results: list[Result], path: Path, left_out: list[str] = ()) ->
 {f'<h3>Not run here</h3><ul>{notes}</ul>' if notes else ''}
 {''.join(parts)}</body></html>"""
     path.write_text(page, encoding="utf-8")
+
+
+def mimebundle(fig) -> dict:
+    """Both representations of a figure; each frontend renders the richest it knows:
+    JupyterLab the plotly mimetype (its bundled extension, works offline), Colab the HTML
+    (plotly.js from the CDN, which Colab can reach)."""
+    import json
+
+    return {
+        "application/vnd.plotly.v1+json": json.loads(fig.to_json()),
+        "text/html": fig.to_html(full_html=False, include_plotlyjs="cdn"),
+    }
+
+
+def show(fig, handle=None):
+    """Display a figure, or replace the one shown under `handle`; returns the handle.
+
+    Not a FigureWidget (unreliable in Colab) and not `display` inside an Output widget
+    after a click (Colab's "Plotly is not defined"): a display handle owned by the cell."""
+    from IPython.display import display
+
+    if handle is None:
+        return display(mimebundle(fig), raw=True, display_id=True)
+    handle.update(mimebundle(fig), raw=True)
+    return handle
