@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import platform
+import shutil
 import tempfile
 import time
 import traceback
@@ -72,10 +73,26 @@ def environment(device: str, method: methods.Method) -> dict:
     return env
 
 
+@dataclass
+class Measured:
+    """A run's record, and the quantized model itself when the caller asked to keep it."""
+
+    result: Result
+    model: object | None = None
+    workdir: Path | None = None
+    """Where a kept model's checkpoint lives (gptq/awq); the caller removes it with the model."""
+
+
 def run_method(session: Session, choice: str, log: Callable[[str], None] = print,
                progress: Callable[[str, int, int], None] | None = None) -> Result:
     """Quantize with one method (`name` or `name:key=value:...`) and measure it. Never raises for
     a method's own failure: the result carries the message in `error`."""
+    return measure_method(session, choice, log, progress).result
+
+
+def measure_method(session: Session, choice: str, log: Callable[[str], None] = print,
+                   progress: Callable[[str, int, int], None] | None = None, keep_model: bool = False) -> Measured:
+    """`run_method`, optionally keeping the quantized model (panels reuse it for generation)."""
     import torch
 
     method, params, label = None, {}, choice
@@ -83,19 +100,20 @@ def run_method(session: Session, choice: str, log: Callable[[str], None] = print
         method, params = methods.parse_choice(choice)
         label = methods.label(method, params)
     except WorkbenchError as exc:
-        return _failed(session, label, method, params, str(exc))
+        return Measured(_failed(session, label, method, params, str(exc)))
     reason = method.unavailable_reason(session.device)
     if reason:
-        return _failed(session, label, method, params, f"{method.name}: {reason}")
+        return Measured(_failed(session, label, method, params, f"{method.name}: {reason}"))
     log(f"[{label}] quantizing {session.source.label} on {session.device}...")
     torch.manual_seed(SEED)
+    workdir, model = Path(tempfile.mkdtemp(prefix="workbench-")), None
     try:
-        with tempfile.TemporaryDirectory(prefix="workbench-") as workdir, measure.PeakMemory(session.device) as peak:
+        with measure.PeakMemory(session.device) as peak:
             start = time.perf_counter()
             calibration = None
             if method.needs_calibration:
                 calibration = data.calibration_blocks(session.tokenizer, params["samples"], params["block_tokens"])
-            request = methods.QuantizeRequest(session.source, params, session.device, Path(workdir), calibration, log)
+            request = methods.QuantizeRequest(session.source, params, session.device, workdir, calibration, log)
             model = method.quantize(request)
             load_s = time.perf_counter() - start
             log(f"[{label}] quantized in {load_s:.1f} s; measuring perplexity on {len(session.eval_ids)} tokens...")
@@ -109,18 +127,17 @@ def run_method(session: Session, choice: str, log: Callable[[str], None] = print
                 prompt = session.tokenizer(SPEED_PROMPT, add_special_tokens=True)["input_ids"]
                 speed = measure.decode_speed(model, prompt, session.eval.decode_tokens, session.tokenizer.pad_token_id)
             sizes = (measure.weight_bytes(model), measure.linear_bits_per_weight(model), measure.kernel_name(model))
-            del model
-    except WorkbenchError as exc:
-        return _failed(session, label, method, params, str(exc))
-    except torch.OutOfMemoryError:
-        return _failed(session, label, method, params, f"{label}: out of GPU memory. Try a lower-bit method or a smaller model (`python -m workbench estimate`).")
-    except Exception as exc:  # a library failed: keep going with the other methods, keep the trace in the log
-        log(traceback.format_exc())
-        return _failed(session, label, method, params, f"{label} failed inside {method.backend or 'transformers'}: {type(exc).__name__}: {str(exc)[:300]}")
-    finally:
+    except Exception as exc:
+        model = None
+        shutil.rmtree(workdir, ignore_errors=True)
+        _free_memory()
+        return Measured(_failed(session, label, method, params, _error_message(exc, label, method, log)))
+    if not keep_model:
+        model = None
+        shutil.rmtree(workdir, ignore_errors=True)
         _free_memory()
     log(f"[{label}] perplexity {ppl.ppl:.2f} in {eval_s:.1f} s")
-    return Result(
+    result = Result(
         model=session.source.label, method=label, family=method.family, bits=method.bits_for(params), params=params,
         device=session.device, ppl=ppl.ppl, weight_bytes=sizes[0], bits_per_weight=sizes[1], peak_bytes=peak.peak_bytes,
         peak_kind=peak.kind, load_s=load_s, eval_s=eval_s,
@@ -129,6 +146,18 @@ def run_method(session: Session, choice: str, log: Callable[[str], None] = print
         calibration=_calibration_record(method, params), environment=environment(session.device, method),
         model_note=session.source.note, timestamp=_now(),
     )
+    return Measured(result, model, workdir if keep_model else None)
+
+
+def _error_message(exc: Exception, label: str, method: methods.Method, log) -> str:
+    import torch
+
+    if isinstance(exc, WorkbenchError):
+        return str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"{label}: out of GPU memory. Try a lower-bit method or a smaller model (`python -m workbench estimate`)."
+    log(traceback.format_exc())  # a library failed: keep the trace in the log, go on with the other methods
+    return f"{label} failed inside {method.backend or 'transformers'}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 def compare(session: Session, choices: list[str], previous: list[Result] = (), rerun: bool = False,

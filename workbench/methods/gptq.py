@@ -52,7 +52,7 @@ def _gptq_config(params):
     from gptqmodel import QuantizeConfig
 
     return QuantizeConfig(bits=params["bits"], group_size=params["group_size"], desc_act=params["act_order"],
-                          damp_percent=params["damp"])
+                          damp_percent=params["damp"], offload_to_disk=False)
 
 
 def _rtn_config(params):

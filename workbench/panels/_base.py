@@ -1,0 +1,110 @@
+"""Long work for a panel: one button, a status, progress, a captured log, and cancel.
+
+States go `idle -> running -> done | error | cancelled` and every transition is kept in
+`Job.states`, so tests can click a button and assert the sequence. Work runs in a worker
+thread so the notebook stays responsive; output from that thread is written with
+`Output.append_stdout` (a `with out:` block from a thread loses or misroutes output).
+Works with ipywidgets 7.7.1 (Colab) and 8.x.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+import ipywidgets as widgets
+
+from ..errors import WorkbenchError
+
+COLORS = {"idle": "#555", "running": "#1f77b4", "done": "#2ca02c", "error": "#d62728", "cancelled": "#ff7f0e"}
+
+
+class Job:
+    """Runs `work(job)` in a thread on a button click and shows what happens."""
+
+    def __init__(self, button: widgets.Button, cancellable: bool = False):
+        self.button = button
+        self.status = widgets.HTML()
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="200px", visibility="hidden"))
+        self.cancel_button = widgets.Button(description="Cancel", disabled=True,
+                                            layout=widgets.Layout(display="" if cancellable else "none"))
+        self.cancel_button.on_click(lambda _: self.cancel())
+        self.log = widgets.Output(layout=widgets.Layout(max_height="220px", overflow="auto", border="1px solid #ddd"))
+        self.widget = widgets.VBox([widgets.HBox([button, self.cancel_button, self.progress, self.status]), self.log])
+        self.states: list[str] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._set_state("idle")
+
+    @property
+    def state(self) -> str:
+        return self.states[-1]
+
+    def start(self, work: Callable[["Job"], Any], on_done: Callable[[Any], None] = lambda result: None) -> None:
+        """Run `work` in a worker thread unless a job is already running."""
+        if self.state == "running":
+            return
+        self._stop.clear()
+        self.error = None
+        self.button.disabled = True
+        self.cancel_button.disabled = False
+        self._set_state("running")
+        self._thread = threading.Thread(target=self._run, args=(work, on_done), daemon=True)
+        self._thread.start()
+
+    def _run(self, work, on_done) -> None:
+        started = time.perf_counter()
+        try:
+            result = work(self)
+            on_done(result)
+            state = "cancelled" if self._stop.is_set() else "done"
+        except WorkbenchError as exc:
+            self.error, state = str(exc), "error"
+        except Exception as exc:  # show the traceback in the panel instead of losing it in the kernel log
+            self.error, state = f"{type(exc).__name__}: {exc}", "error"
+            self.log.append_stderr(traceback.format_exc())
+        self.button.disabled = False
+        self.cancel_button.disabled = True
+        self.progress.layout.visibility = "hidden"
+        self._set_state(state, f" after {time.perf_counter() - started:.1f} s")
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        self.states.append(state)
+        text = state + detail + (f": {self.error}" if self.error else "")
+        self.status.value = f"<b style='color:{COLORS[state]}'>{html.escape(text)}</b>"
+
+    def write(self, message: str) -> None:
+        self.log.append_stdout(message.rstrip("\n") + "\n")
+
+    def set_progress(self, done: int, total: int) -> None:
+        self.progress.layout.visibility = "visible"
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+
+    def cancel(self) -> None:
+        """Ask the work to stop at its next checkpoint (between methods, between steps)."""
+        self._stop.set()
+        self.write("Cancelling after the current step...")
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the work finishes (for tests and headless notebooks); returns the final state."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.state
+
+
+def table_html(rows: list[dict]) -> str:
+    """A plain HTML table (renders the same in Colab and JupyterLab)."""
+    if not rows:
+        return ""
+    head = "".join(f"<th style='padding:2px 8px'>{html.escape(str(c))}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px'>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>"
+                   for row in rows)
+    return f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
