@@ -27,12 +27,19 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: setup
 	$(PY) -m workbench compare --model bundled --max-tokens 2048 --decode-tokens 16 --out results
 
-test: setup
-	$(PY) -m pytest
+# Colab ships ipywidgets 7.7.1: the panel tests run a second time with it first on the path.
+WIDGETS7 := .widgets7
+$(WIDGETS7)/.installed: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(WIDGETS7) ipywidgets==7.7.1 ipython_genutils==0.2.0
+	touch $@
+
+test: setup $(WIDGETS7)/.installed
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
+	WORKBENCH_EXPECT_IPYWIDGETS=7.7.1 PYTHONPATH=$(WIDGETS7) $(PY) -m pytest tests/test_panels.py
 
 bench: setup
 	$(PY) bench/perplexity_throughput.py
 	$(PY) bench/workbench_overhead.py
 
 clean:
-	rm -rf results bench/out .pytest_cache
+	rm -rf results bench/out .pytest_cache $(WIDGETS7)

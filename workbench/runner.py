@@ -110,11 +110,7 @@ def measure_method(session: Session, choice: str, log: Callable[[str], None] = p
     try:
         with measure.PeakMemory(session.device) as peak:
             start = time.perf_counter()
-            calibration = None
-            if method.needs_calibration:
-                calibration = data.calibration_blocks(session.tokenizer, params["samples"], params["block_tokens"])
-            request = methods.QuantizeRequest(session.source, params, session.device, workdir, calibration, log)
-            model = method.quantize(request)
+            model = _quantize(session, method, params, workdir, log)
             load_s = time.perf_counter() - start
             log(f"[{label}] quantized in {load_s:.1f} s; measuring perplexity on {len(session.eval_ids)} tokens...")
             start = time.perf_counter()
@@ -149,6 +145,57 @@ def measure_method(session: Session, choice: str, log: Callable[[str], None] = p
     return Measured(result, model, workdir if keep_model else None)
 
 
+def _quantize(session: Session, method: methods.Method, params: dict, workdir: Path, log):
+    calibration = None
+    if method.needs_calibration:
+        calibration = data.calibration_blocks(session.tokenizer, params["samples"], params["block_tokens"])
+    return method.quantize(methods.QuantizeRequest(session.source, params, session.device, workdir, calibration, log))
+
+
+@dataclass(frozen=True)
+class Generation:
+    method: str
+    text: str = ""
+    tokens_per_s: float | None = None
+    error: str | None = None
+
+
+def generate(session: Session, choice: str, prompt: str, max_new_tokens: int = 40, log=print) -> Generation:
+    """Quantize with one method and answer `prompt` greedily (chat template when the model has one)."""
+    import torch
+
+    label, workdir = choice, Path(tempfile.mkdtemp(prefix="workbench-"))
+    try:
+        method, params = methods.parse_choice(choice)
+        label = methods.label(method, params)
+        reason = method.unavailable_reason(session.device)
+        if reason:
+            raise WorkbenchError(f"{method.name}: {reason}")
+        model = _quantize(session, method, params, workdir, log)
+        ids = prompt_ids(session.tokenizer, prompt)
+        inputs = torch.tensor([ids], device=next(model.parameters()).device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=session.tokenizer.pad_token_id)
+        seconds = time.perf_counter() - start
+        new = out[0, len(ids):]
+        return Generation(label, session.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) / seconds)
+    except Exception as exc:
+        return Generation(label, error=_error_message(exc, label, method if "method" in locals() else None, log))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        _free_memory()
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids for a user prompt: through the chat template for instruction-tuned models."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    return tokenizer(prompt)["input_ids"]
+
+
 def _error_message(exc: Exception, label: str, method: methods.Method, log) -> str:
     import torch
 
@@ -157,7 +204,8 @@ def _error_message(exc: Exception, label: str, method: methods.Method, log) -> s
     if isinstance(exc, torch.OutOfMemoryError):
         return f"{label}: out of GPU memory. Try a lower-bit method or a smaller model (`python -m workbench estimate`)."
     log(traceback.format_exc())  # a library failed: keep the trace in the log, go on with the other methods
-    return f"{label} failed inside {method.backend or 'transformers'}: {type(exc).__name__}: {str(exc)[:300]}"
+    backend = (method.backend if method else None) or "transformers"
+    return f"{label} failed inside {backend}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 def compare(session: Session, choices: list[str], previous: list[Result] = (), rerun: bool = False,

@@ -108,3 +108,19 @@ def table_html(rows: list[dict]) -> str:
     body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px'>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>"
                    for row in rows)
     return f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class Panel:
+    """Displaying a panel displays its widget (`panel` alone on a cell's last line)."""
+
+    widget: widgets.Widget
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def run(self, timeout: float | None = None) -> str:
+        """Press the panel's button and wait: what a notebook cell runs headless (nbval, CI)."""
+        self.button.click()
+        return self.job.wait(timeout)

@@ -1,0 +1,131 @@
+"""Panels driven headlessly as a person would: set widgets, click, wait, read what is shown.
+
+Runs under ipywidgets 8 (the venv) and 7.7.1 (what Colab ships: `make test` runs this file
+again with ipywidgets 7.7.1 first on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ipywidgets
+import pytest
+
+from workbench.config import EvalConfig
+from workbench.panels import ComparePanel, GeneratePanel, MethodPicker, ModelPicker, QuantizePanel
+
+FAST = EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=2)
+SECRET = "hf_NEVER_SHOW_THIS_TOKEN_123"
+
+
+def test_runs_on_the_expected_ipywidgets_version():
+    expected = os.environ.get("WORKBENCH_EXPECT_IPYWIDGETS")
+    if expected:
+        assert ipywidgets.__version__ == expected
+    assert ipywidgets.__version__.split(".")[0] in ("7", "8")
+
+
+@pytest.fixture
+def model(tiny_folder):
+    picker = ModelPicker(default=str(tiny_folder), device="cpu")
+    picker.token.value = SECRET  # typed by a user: must never appear anywhere
+    return picker
+
+
+def _log_text(job) -> str:
+    return "".join(o.get("text", "") for o in job.log.outputs)
+
+
+def test_method_picker_draws_forms_from_declarations_and_disables_what_cannot_run():
+    picker = MethodPicker(device="cpu")
+    assert picker.checks["torchao-int4"].disabled and not picker.checks["torchao-int4"].value
+    assert set(picker.fields["gptq"]) == {"bits", "group_size", "act_order", "damp", "samples", "block_tokens"}
+    assert list(picker.fields["gptq"]["bits"].options) == [2, 3, 4, 8]
+    picker.select("gptq", "torchao-int4")
+    picker.fields["gptq"]["bits"].value = 8
+    picker.fields["gptq"]["act_order"].value = True
+    assert picker.choices() == ["gptq:bits=8:act_order=True"]  # the GPU-only method stays unticked
+
+
+def test_model_picker_keeps_the_token_out_of_every_repr(model, tiny_folder):
+    spec = model.spec()
+    assert spec.name == str(tiny_folder) and spec.token == SECRET
+    assert SECRET not in repr(spec) and SECRET not in str(spec)
+
+
+def test_estimate_button_shows_the_fit_table(model):
+    model.estimate_button.click()
+    assert model.job.wait(60) == "done", model.job.error
+    assert "T4 16GB" in model.estimate_view.value and "bnb-nf4" in model.estimate_view.value
+
+
+def test_quantize_panel_states_result_and_model_replacement(model):
+    methods = MethodPicker(device="cpu")
+    panel = QuantizePanel(model, methods, FAST)
+    panel.method.value = "bnb-nf4"
+    panel.button.click()
+    assert panel.job.wait(120) == "done", panel.job.error
+    assert panel.job.states == ["idle", "running", "done"]
+    assert panel.result.method == "bnb-nf4" and panel.result.ppl > 1 and panel.model is not None
+    assert "bnb-nf4" in panel.summary.value and not panel.button.disabled
+    first = panel.model
+    panel.method.value = "fp32"
+    panel.button.click()
+    assert panel.job.wait(120) == "done"
+    assert panel.model is not first and panel.result.method == "fp32"
+
+
+def test_errors_are_shown_in_the_panel_not_lost(tiny_folder):
+    picker = ModelPicker(default="./no/such/model", device="cpu")
+    panel = QuantizePanel(picker, MethodPicker(device="cpu"), FAST)
+    panel.button.click()
+    assert panel.job.wait(60) == "error"
+    assert "no such model folder" in panel.job.status.value and "no such model folder" in panel.job.error
+    assert not panel.button.disabled  # ready for another try
+
+
+def test_compare_panel_table_charts_history_and_export(model, tmp_path):
+    methods = MethodPicker(device="cpu")
+    methods.select("fp32", "bnb-nf4", "quanto-int8")
+    panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST)
+    panel.button.click()
+    assert panel.job.wait(300) == "done", panel.job.error
+    assert [r.method for r in panel.results] == ["fp32", "bnb-nf4", "quanto-int8"]
+    for name in ("fp32", "bnb-nf4", "quanto-int8", "Δ ppl %"):
+        assert name in panel.table.value
+    assert len(panel.figures) == 5
+    assert all(len(fig.data) == 1 and len(fig.data[0].x) == 3 for fig in panel.figures)
+    assert panel.figures[0].layout.yaxis.title.text.startswith("perplexity")
+
+    panel.button.click()  # same configurations: reused from the history
+    assert panel.job.wait(120) == "done"
+    assert "reusing" in _log_text(panel.job)
+
+    exported = json.loads(panel.export("json").read_text())
+    assert [r["method"] for r in exported] == ["fp32", "bnb-nf4", "quanto-int8"]
+    assert panel.export("csv").read_text().count("\n") == 4
+    everything = _log_text(panel.job) + panel.table.value + (tmp_path / "history.jsonl").read_text() + json.dumps(exported)
+    assert SECRET not in everything
+
+
+def test_compare_panel_cancel_stops_between_methods(model, tmp_path):
+    methods = MethodPicker(device="cpu")
+    methods.select("fp32", "bnb-nf4", "bnb-fp4", "quanto-int8")
+    panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST)
+    panel.button.click()
+    panel.job.cancel_button.click()
+    assert panel.job.wait(300) == "cancelled"
+    assert panel.job.states == ["idle", "running", "cancelled"]
+    assert len(panel.results) < 4 and "Cancelled: the remaining methods were not run." in _log_text(panel.job)
+
+
+def test_generate_panel_side_by_side(model):
+    methods = MethodPicker(device="cpu")
+    methods.select("fp32", "bnb-nf4")
+    panel = GeneratePanel(model, methods)
+    panel.max_tokens.value = 8
+    panel.button.click()
+    assert panel.job.wait(120) == "done", panel.job.error
+    assert [g.method for g in panel.generations] == ["fp32", "bnb-nf4"]
+    assert all(g.error is None and g.tokens_per_s > 0 for g in panel.generations), panel.generations
+    assert "tok/s" in panel.outputs.value

@@ -1,0 +1,11 @@
+"""ipywidgets panels: thin surfaces over the core, for Colab (ipywidgets 7.7.1) and JupyterLab (8.x).
+
+    model = ModelPicker(); methods = MethodPicker()
+    display(model.widget, methods.widget)
+    compare = ComparePanel(model, methods); compare      # a table, charts, export
+"""
+
+from .pickers import MethodPicker, ModelPicker
+from .work import ComparePanel, GeneratePanel, QuantizePanel
+
+__all__ = ["ModelPicker", "MethodPicker", "QuantizePanel", "ComparePanel", "GeneratePanel"]

@@ -1,0 +1,132 @@
+"""ModelPicker and MethodPicker: read the user's choices into the core's configs.
+
+Neither does long work of its own except the "will it fit?" estimate. The method form
+is drawn from what each method declares (its `Param`s), never written by hand.
+"""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as widgets
+
+from .. import methods
+from ..config import EvalConfig, ModelSpec
+from ._base import Job, Panel, table_html
+
+BUNDLED_LABEL = "SmolLM2-135M-Instruct (offline, bundled)"
+OTHER_LABEL = "Other: hub id or local path below"
+CURATED = {
+    # label -> hub id. All fit a free Colab T4 (16 GB) in fp16; "gated" needs an accepted licence and a token.
+    BUNDLED_LABEL: "bundled",
+    "facebook/opt-125m": "facebook/opt-125m",
+    "facebook/opt-350m": "facebook/opt-350m",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "HuggingFaceTB/SmolLM2-360M-Instruct": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    "Qwen/Qwen2.5-0.5B-Instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen/Qwen2.5-1.5B-Instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen/Qwen3-0.6B": "Qwen/Qwen3-0.6B",
+    "Qwen/Qwen3-1.7B": "Qwen/Qwen3-1.7B",
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    "meta-llama/Llama-3.2-1B (gated)": "meta-llama/Llama-3.2-1B",
+    "google/gemma-3-1b-it (gated)": "google/gemma-3-1b-it",
+    OTHER_LABEL: "",
+}
+
+
+class ModelPicker(Panel):
+    """Which model, on which device, with which token; plus the "will it fit?" estimate."""
+
+    def __init__(self, default: str = "bundled", device: str = "auto"):
+        label = next((k for k, v in CURATED.items() if v == default), OTHER_LABEL)
+        self.choice = widgets.Dropdown(options=list(CURATED), value=label, description="Model")
+        self.custom = widgets.Text(value="" if label != OTHER_LABEL else default, placeholder="org/name, ./folder or file.gguf",
+                                   description="Hub id / path")
+        self.token = widgets.Password(description="HF token", placeholder="only for gated models")
+        self.device = widgets.Dropdown(options=["auto", "cpu", "cuda"], value=device, description="Device")
+        self.button = self.estimate_button = widgets.Button(description="Will it fit?", icon="calculator")
+        self.job = Job(self.button)
+        self.estimate_view = widgets.HTML()
+        self.estimate_button.on_click(lambda _: self.job.start(self._estimate, self._show_estimate))
+        self.widget = widgets.VBox([widgets.HBox([self.choice, self.device]), widgets.HBox([self.custom, self.token]),
+                                    self.job.widget, self.estimate_view])
+        self._sessions: dict = {}
+
+    def spec(self) -> ModelSpec:
+        name = CURATED[self.choice.value] or self.custom.value.strip()
+        return ModelSpec(name=name, device=self.device.value, token=self.token.value or None)
+
+    def session(self, eval_cfg: EvalConfig, log=print):
+        """The shared runner session for the current choice (opened once per model and protocol)."""
+        from .. import runner
+
+        spec = self.spec()
+        key = (spec.name, spec.device, eval_cfg)
+        if key not in self._sessions:
+            self._sessions = {key: runner.Session.open(spec, eval_cfg, log)}  # keep one: tokenizers are not small
+        return self._sessions[key]
+
+    def _estimate(self, job: Job):
+        from .. import estimate, models
+
+        spec = self.spec()
+        return estimate.estimate(models.resolve(spec.name, spec.token, job.write))
+
+    def _show_estimate(self, result) -> None:
+        from ..estimate import footnotes
+
+        rows = [{"method": r.method, "bits": r.bits, "weight MB": round(r.weight_bytes / 2**20),
+                 **{gpu: "yes" if fits else "no" for gpu, fits in r.fits.items()}} for r in result.rows]
+        notes = "".join(f"<p style='font-size:11px'>{html.escape(n)}</p>" for n in footnotes(result))
+        self.estimate_view.value = table_html(rows) + notes
+
+
+class MethodPicker(Panel):
+    """Every registered method grouped by family, with a form drawn from its parameters."""
+
+    def __init__(self, selected: tuple[str, ...] = ("fp32", "bnb-nf4"), device: str | None = None):
+        self.checks: dict[str, widgets.Checkbox] = {}
+        self.fields: dict[str, dict[str, widgets.Widget]] = {}
+        families: dict[str, list] = {}
+        for method, reason in methods.available(device):
+            families.setdefault(method.family, []).append(self._row(method, reason, method.name in selected))
+        self.widget = widgets.Accordion(children=[widgets.VBox(rows) for rows in families.values()])
+        for i, family in enumerate(families):
+            self.widget.set_title(i, family)
+
+    def _row(self, method: methods.Method, reason: str | None, selected: bool) -> widgets.Widget:
+        check = widgets.Checkbox(value=selected and reason is None, description=method.name, disabled=reason is not None,
+                                 indent=False, layout=widgets.Layout(width="140px"))
+        self.checks[method.name] = check
+        self.fields[method.name] = {p.name: _param_widget(p) for p in method.params}
+        note = (f"<span style='color:#d62728'>not here: {html.escape(reason)}</span>" if reason
+                else html.escape(method.summary))
+        form = widgets.HBox(list(self.fields[method.name].values()))
+        return widgets.VBox([widgets.HBox([check, widgets.HTML(f"<span style='font-size:12px'>{note}</span>")]), form])
+
+    def select(self, *names: str) -> None:
+        """Tick exactly these methods (for notebooks and tests)."""
+        for name, check in self.checks.items():
+            check.value = name in names and not check.disabled
+
+    def choice_for(self, name: str) -> str:
+        """`name:key=value:...` with the parameters that differ from the defaults."""
+        method = methods.get(name)
+        changed = [f"{p.name}={self.fields[name][p.name].value}" for p in method.params
+                   if self.fields[name][p.name].value != p.default]
+        return ":".join([name, *changed])
+
+    def choices(self) -> list[str]:
+        return [self.choice_for(name) for name, check in self.checks.items() if check.value]
+
+
+def _param_widget(param: methods.Param) -> widgets.Widget:
+    common = {"value": param.default, "description": param.name, "style": {"description_width": "initial"},
+              "layout": widgets.Layout(width="auto")}
+    if param.choices:
+        return widgets.Dropdown(options=list(param.choices), **common)
+    if isinstance(param.default, bool):
+        return widgets.Checkbox(indent=False, **common)
+    kind = {int: widgets.IntText, float: widgets.FloatText}.get(type(param.default), widgets.Text)
+    return kind(**common)

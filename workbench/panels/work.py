@@ -1,0 +1,164 @@
+"""QuantizePanel, ComparePanel, GeneratePanel: each a thin class over one core call.
+
+They take the pickers they read from in their constructor (no globals), run the core
+call through `Job` (progress, status, captured log, cancel), and keep what it returned
+in `.result` / `.results` / `.figures` so tests and later cells can use it.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+from pathlib import Path
+
+import ipywidgets as widgets
+
+from .. import charts, results, runner
+from ..config import EvalConfig
+from ._base import Job, Panel, table_html
+from .pickers import MethodPicker, ModelPicker
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None and hasattr(get_ipython(), "kernel")
+    except ImportError:
+        return False
+
+
+class QuantizePanel(Panel):
+    """Quantize with one method, measure it, and keep the model for the next panels."""
+
+    def __init__(self, model: ModelPicker, methods: MethodPicker, eval_cfg: EvalConfig = EvalConfig(max_tokens=2048)):
+        self.model_picker, self.method_picker, self.eval_cfg = model, methods, eval_cfg
+        names = [name for name, check in methods.checks.items() if not check.disabled]
+        self.method = widgets.Dropdown(options=names, value="bnb-nf4" if "bnb-nf4" in names else names[0], description="Method")
+        self.button = widgets.Button(description="Quantize", button_style="primary", icon="compress")
+        self.job = Job(self.button)
+        self.summary = widgets.HTML()
+        self.button.on_click(lambda _: self.job.start(self._work, self._show))
+        self.widget = widgets.VBox([widgets.HTML("Parameters come from the method list above."), self.method,
+                                    self.job.widget, self.summary])
+        self.result: results.Result | None = None
+        self.model = None
+        self._workdir: Path | None = None
+
+    def _work(self, job: Job) -> runner.Measured:
+        self.release()  # free the previous model (and its GPU memory) before loading the next
+        session = self.model_picker.session(self.eval_cfg, job.write)
+        choice = self.method_picker.choice_for(self.method.value)
+        return runner.measure_method(session, choice, job.write, lambda _, done, total: job.set_progress(done, total), keep_model=True)
+
+    def _show(self, measured: runner.Measured) -> None:
+        self.result, self.model, self._workdir = measured.result, measured.model, measured.workdir
+        if measured.result.error:
+            from ..errors import WorkbenchError
+
+            raise WorkbenchError(measured.result.error)
+        self.summary.value = table_html(results.table_rows([measured.result])) + \
+            f"<p style='font-size:11px'>{html.escape(' '.join(results.footnotes([measured.result])))}</p>"
+
+    def release(self) -> None:
+        self.model = None
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        runner._free_memory()
+
+
+class ComparePanel(Panel):
+    """Run several methods one after another against the baseline; table, charts, export."""
+
+    def __init__(self, model: ModelPicker, methods: MethodPicker, out_dir: str = "results",
+                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16)):
+        self.model_picker, self.method_picker, self.eval_cfg = model, methods, eval_cfg
+        self.out_dir = Path(out_dir)
+        self.button = widgets.Button(description="Compare", button_style="primary", icon="bar-chart")
+        self.rerun = widgets.Checkbox(value=False, description="re-run configurations already measured", indent=False)
+        self.job = Job(self.button, cancellable=True)
+        self.table = widgets.HTML()
+        self.export_csv = widgets.Button(description="Export CSV", icon="download", disabled=True)
+        self.export_json = widgets.Button(description="Export JSON", icon="download", disabled=True)
+        self.exported = widgets.HTML()
+        self.export_csv.on_click(lambda _: self.export("csv"))
+        self.export_json.on_click(lambda _: self.export("json"))
+        self.button.on_click(lambda _: self.job.start(self._work, self._show))
+        self.widget = widgets.VBox([self.rerun, self.job.widget, self.table,
+                                    widgets.HBox([self.export_csv, self.export_json, self.exported])])
+        self.results: list[results.Result] = []
+        self.figures: list = []
+        self._chart_handles: list = []
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+        # Charts live under display handles owned by this cell (see charts.show), created empty now.
+        self._chart_handles = [display({"text/plain": ""}, raw=True, display_id=True) for _ in charts.BAR_METRICS] + \
+            [display({"text/plain": ""}, raw=True, display_id=True)]
+
+    @property
+    def history(self) -> Path:
+        return self.out_dir / "history.jsonl"
+
+    def _work(self, job: Job) -> list[results.Result]:
+        session = self.model_picker.session(self.eval_cfg, job.write)
+        previous = results.read_history(self.history)
+        measured = runner.compare(session, self.method_picker.choices(), previous, self.rerun.value, job.write,
+                                  lambda _, done, total: job.set_progress(done, total), job.should_stop)
+        results.append_history([r for r in measured if r not in previous], self.history)
+        return measured
+
+    def _show(self, measured: list[results.Result]) -> None:
+        self.results = measured
+        self.table.value = table_html(results.table_rows(measured)) + "".join(
+            f"<p style='font-size:11px'>{html.escape(line)}</p>" for line in results.footnotes(measured))
+        self.figures = charts.all_charts(measured)
+        if _in_kernel() and self._chart_handles:
+            for fig, handle in zip(self.figures, self._chart_handles):
+                charts.show(fig, handle)
+        self.export_csv.disabled = self.export_json.disabled = not measured
+
+    def export(self, kind: str) -> Path:
+        path = self.out_dir / f"results.{kind}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (results.write_csv if kind == "csv" else results.write_json)(self.results, path)
+        self.exported.value = f"wrote {html.escape(str(path))}"
+        return path
+
+
+class GeneratePanel(Panel):
+    """The same prompt through each selected method, side by side, with tokens/s."""
+
+    def __init__(self, model: ModelPicker, methods: MethodPicker, prompt: str = "Explain in two sentences what quantization does to a neural network."):
+        self.model_picker, self.method_picker = model, methods
+        self.prompt = widgets.Textarea(value=prompt, description="Prompt", layout=widgets.Layout(width="95%"))
+        self.max_tokens = widgets.IntSlider(value=40, min=8, max=256, description="New tokens")
+        self.button = widgets.Button(description="Generate", button_style="primary", icon="comment")
+        self.job = Job(self.button, cancellable=True)
+        self.outputs = widgets.HTML()
+        self.button.on_click(lambda _: self.job.start(self._work, self._show))
+        self.widget = widgets.VBox([self.prompt, self.max_tokens, self.job.widget, self.outputs])
+        self.generations: list[runner.Generation] = []
+
+    def _work(self, job: Job) -> list[runner.Generation]:
+        session = self.model_picker.session(EvalConfig(max_tokens=64), job.write)
+        done = []
+        for i, choice in enumerate(self.method_picker.choices()):
+            if job.should_stop():
+                break
+            job.set_progress(i, len(self.method_picker.choices()))
+            done.append(runner.generate(session, choice, self.prompt.value, self.max_tokens.value, job.write))
+        return done
+
+    def _show(self, generations: list[runner.Generation]) -> None:
+        self.generations = generations
+        cards = []
+        for g in generations:
+            speed = f"{g.tokens_per_s:.1f} tok/s" if g.tokens_per_s else ""
+            body = f"<span style='color:#d62728'>{html.escape(g.error)}</span>" if g.error else html.escape(g.text)
+            cards.append(f"<div style='flex:1;min-width:220px;border:1px solid #ddd;padding:6px;margin:2px'>"
+                         f"<b>{html.escape(g.method)}</b> <small>{speed}</small><p>{body}</p></div>")
+        self.outputs.value = f"<div style='display:flex;flex-wrap:wrap'>{''.join(cards)}</div>"
