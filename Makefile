@@ -34,7 +34,8 @@ $(WIDGETS7)/.installed: $(STAMP)
 	touch $@
 
 test: setup $(WIDGETS7)/.installed
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
+	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 \
+		$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
 	WORKBENCH_EXPECT_IPYWIDGETS=7.7.1 PYTHONPATH=$(WIDGETS7) $(PY) -m pytest tests/test_panels.py
 
 bench: setup

@@ -129,3 +129,12 @@ def test_generate_panel_side_by_side(model):
     assert [g.method for g in panel.generations] == ["fp32", "bnb-nf4"]
     assert all(g.error is None and g.tokens_per_s > 0 for g in panel.generations), panel.generations
     assert "tok/s" in panel.outputs.value
+
+
+def test_run_from_a_cell_raises_with_the_message_on_error():
+    from workbench.errors import WorkbenchError
+
+    panel = QuantizePanel(ModelPicker(default="./no/such/model", device="cpu"), MethodPicker(device="cpu"), FAST)
+    with pytest.raises(WorkbenchError, match="no such model folder"):
+        panel.run()
+    assert panel.job.states == ["idle", "running", "error"]

@@ -5,7 +5,8 @@
     compare = ComparePanel(model, methods); compare      # a table, charts, export
 """
 
+from ._base import table_html
 from .pickers import MethodPicker, ModelPicker
 from .work import ComparePanel, GeneratePanel, QuantizePanel
 
-__all__ = ["ModelPicker", "MethodPicker", "QuantizePanel", "ComparePanel", "GeneratePanel"]
+__all__ = ["table_html", "ModelPicker", "MethodPicker", "QuantizePanel", "ComparePanel", "GeneratePanel"]

@@ -23,10 +23,12 @@ COLORS = {"idle": "#555", "running": "#1f77b4", "done": "#2ca02c", "error": "#d6
 
 
 class Job:
-    """Runs `work(job)` in a thread on a button click and shows what happens."""
+    """Runs `work(job)` on a button click, in a worker thread, then `on_done(result)`; shows what happens."""
 
-    def __init__(self, button: widgets.Button, cancellable: bool = False):
-        self.button = button
+    def __init__(self, button: widgets.Button, work: Callable[["Job"], Any], on_done: Callable[[Any], None],
+                 cancellable: bool = False):
+        self.button, self._work, self._on_done = button, work, on_done
+        button.on_click(lambda _: self.start())
         self.status = widgets.HTML()
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="200px", visibility="hidden"))
         self.cancel_button = widgets.Button(description="Cancel", disabled=True,
@@ -44,8 +46,8 @@ class Job:
     def state(self) -> str:
         return self.states[-1]
 
-    def start(self, work: Callable[["Job"], Any], on_done: Callable[[Any], None] = lambda result: None) -> None:
-        """Run `work` in a worker thread unless a job is already running."""
+    def start(self, background: bool = True) -> None:
+        """Run the work (in a worker thread unless `background` is False) unless it is already running."""
         if self.state == "running":
             return
         self._stop.clear()
@@ -53,14 +55,17 @@ class Job:
         self.button.disabled = True
         self.cancel_button.disabled = False
         self._set_state("running")
-        self._thread = threading.Thread(target=self._run, args=(work, on_done), daemon=True)
-        self._thread.start()
+        if background:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        else:
+            self._run()
 
-    def _run(self, work, on_done) -> None:
+    def _run(self) -> None:
         started = time.perf_counter()
         try:
-            result = work(self)
-            on_done(result)
+            result = self._work(self)
+            self._on_done(result)
             state = "cancelled" if self._stop.is_set() else "done"
         except WorkbenchError as exc:
             self.error, state = str(exc), "error"
@@ -120,7 +125,11 @@ class Panel:
 
         display(self.widget)
 
-    def run(self, timeout: float | None = None) -> str:
-        """Press the panel's button and wait: what a notebook cell runs headless (nbval, CI)."""
-        self.button.click()
-        return self.job.wait(timeout)
+    def run(self) -> str:
+        """Do what the button does, in this cell (notebooks run headless by nbval, CI).
+        A failed run raises, so the cell shows the message instead of passing silently."""
+        self.job.start(background=False)
+        state = self.job.state
+        if state == "error":
+            raise WorkbenchError(self.job.error)
+        return state

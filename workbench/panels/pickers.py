@@ -46,9 +46,8 @@ class ModelPicker(Panel):
         self.token = widgets.Password(description="HF token", placeholder="only for gated models")
         self.device = widgets.Dropdown(options=["auto", "cpu", "cuda"], value=device, description="Device")
         self.button = self.estimate_button = widgets.Button(description="Will it fit?", icon="calculator")
-        self.job = Job(self.button)
+        self.job = Job(self.button, self._estimate, self._show_estimate)
         self.estimate_view = widgets.HTML()
-        self.estimate_button.on_click(lambda _: self.job.start(self._estimate, self._show_estimate))
         self.widget = widgets.VBox([widgets.HBox([self.choice, self.device]), widgets.HBox([self.custom, self.token]),
                                     self.job.widget, self.estimate_view])
         self._sessions: dict = {}

@@ -36,9 +36,8 @@ class QuantizePanel(Panel):
         names = [name for name, check in methods.checks.items() if not check.disabled]
         self.method = widgets.Dropdown(options=names, value="bnb-nf4" if "bnb-nf4" in names else names[0], description="Method")
         self.button = widgets.Button(description="Quantize", button_style="primary", icon="compress")
-        self.job = Job(self.button)
+        self.job = Job(self.button, self._work, self._show)
         self.summary = widgets.HTML()
-        self.button.on_click(lambda _: self.job.start(self._work, self._show))
         self.widget = widgets.VBox([widgets.HTML("Parameters come from the method list above."), self.method,
                                     self.job.widget, self.summary])
         self.result: results.Result | None = None
@@ -77,14 +76,13 @@ class ComparePanel(Panel):
         self.out_dir = Path(out_dir)
         self.button = widgets.Button(description="Compare", button_style="primary", icon="bar-chart")
         self.rerun = widgets.Checkbox(value=False, description="re-run configurations already measured", indent=False)
-        self.job = Job(self.button, cancellable=True)
+        self.job = Job(self.button, self._work, self._show, cancellable=True)
         self.table = widgets.HTML()
         self.export_csv = widgets.Button(description="Export CSV", icon="download", disabled=True)
         self.export_json = widgets.Button(description="Export JSON", icon="download", disabled=True)
         self.exported = widgets.HTML()
         self.export_csv.on_click(lambda _: self.export("csv"))
         self.export_json.on_click(lambda _: self.export("json"))
-        self.button.on_click(lambda _: self.job.start(self._work, self._show))
         self.widget = widgets.VBox([self.rerun, self.job.widget, self.table,
                                     widgets.HBox([self.export_csv, self.export_json, self.exported])])
         self.results: list[results.Result] = []
@@ -132,14 +130,14 @@ class ComparePanel(Panel):
 class GeneratePanel(Panel):
     """The same prompt through each selected method, side by side, with tokens/s."""
 
-    def __init__(self, model: ModelPicker, methods: MethodPicker, prompt: str = "Explain in two sentences what quantization does to a neural network."):
+    def __init__(self, model: ModelPicker, methods: MethodPicker,
+                 prompt: str = "Explain in two sentences what quantization does to a neural network.", max_new_tokens: int = 40):
         self.model_picker, self.method_picker = model, methods
         self.prompt = widgets.Textarea(value=prompt, description="Prompt", layout=widgets.Layout(width="95%"))
-        self.max_tokens = widgets.IntSlider(value=40, min=8, max=256, description="New tokens")
+        self.max_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=256, description="New tokens")
         self.button = widgets.Button(description="Generate", button_style="primary", icon="comment")
-        self.job = Job(self.button, cancellable=True)
+        self.job = Job(self.button, self._work, self._show, cancellable=True)
         self.outputs = widgets.HTML()
-        self.button.on_click(lambda _: self.job.start(self._work, self._show))
         self.widget = widgets.VBox([self.prompt, self.max_tokens, self.job.widget, self.outputs])
         self.generations: list[runner.Generation] = []
 
