@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-e2e bench clean
 
 setup: $(STAMP)
 
@@ -35,12 +35,16 @@ $(WIDGETS7)/.installed: $(STAMP)
 
 test: setup $(WIDGETS7)/.installed
 	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 \
-		$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
+		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env
 	WORKBENCH_EXPECT_IPYWIDGETS=7.7.1 PYTHONPATH=$(WIDGETS7) $(PY) -m pytest tests/test_panels.py
+
+# The notebooks in JupyterLab, driven by headless Chromium (Debian's package: apt-get install -y chromium).
+test-e2e: setup
+	$(PY) -m pytest tests/test_e2e_browser.py -m e2e
 
 bench: setup
 	$(PY) bench/perplexity_throughput.py
 	$(PY) bench/workbench_overhead.py
 
 clean:
-	rm -rf results bench/out .pytest_cache $(WIDGETS7)
+	rm -rf results bench/out artifacts .pytest_cache $(WIDGETS7)

@@ -138,3 +138,12 @@ def test_run_from_a_cell_raises_with_the_message_on_error():
     with pytest.raises(WorkbenchError, match="no such model folder"):
         panel.run()
     assert panel.job.states == ["idle", "running", "error"]
+
+
+def test_compare_panel_draws_its_charts_into_the_panel(model, tmp_path):
+    methods = MethodPicker(device="cpu")
+    methods.select("fp32")
+    panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST)
+    assert panel.run() == "done"
+    outputs = panel.figure_area.widget.outputs
+    assert len(outputs) == 5 and all("application/vnd.plotly.v1+json" in o["data"] for o in outputs)

@@ -15,17 +15,8 @@ import ipywidgets as widgets
 
 from .. import charts, results, runner
 from ..config import EvalConfig
-from ._base import Job, Panel, table_html
+from ._base import FigureArea, Job, Panel, table_html
 from .pickers import MethodPicker, ModelPicker
-
-
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-
-        return get_ipython() is not None and hasattr(get_ipython(), "kernel")
-    except ImportError:
-        return False
 
 
 class QuantizePanel(Panel):
@@ -83,19 +74,15 @@ class ComparePanel(Panel):
         self.exported = widgets.HTML()
         self.export_csv.on_click(lambda _: self.export("csv"))
         self.export_json.on_click(lambda _: self.export("json"))
+        self.figure_area = FigureArea()
         self.widget = widgets.VBox([self.rerun, self.job.widget, self.table,
-                                    widgets.HBox([self.export_csv, self.export_json, self.exported])])
+                                    widgets.HBox([self.export_csv, self.export_json, self.exported]), self.figure_area.widget])
         self.results: list[results.Result] = []
         self.figures: list = []
-        self._chart_handles: list = []
 
     def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
-        # Charts live under display handles owned by this cell (see charts.show), created empty now.
-        self._chart_handles = [display({"text/plain": ""}, raw=True, display_id=True) for _ in charts.BAR_METRICS] + \
-            [display({"text/plain": ""}, raw=True, display_id=True)]
+        super()._ipython_display_()
+        self.figure_area.reserve(len(charts.BAR_METRICS) + 1)
 
     @property
     def history(self) -> Path:
@@ -114,9 +101,7 @@ class ComparePanel(Panel):
         self.table.value = table_html(results.table_rows(measured)) + "".join(
             f"<p style='font-size:11px'>{html.escape(line)}</p>" for line in results.footnotes(measured))
         self.figures = charts.all_charts(measured)
-        if _in_kernel() and self._chart_handles:
-            for fig, handle in zip(self.figures, self._chart_handles):
-                charts.show(fig, handle)
+        self.figure_area.show(self.figures)
         self.export_csv.disabled = self.export_json.disabled = not measured
 
     def export(self, kind: str) -> Path:

@@ -1,0 +1,165 @@
+"""End to end in a real browser: JupyterLab on 127.0.0.1, each notebook opened in headless
+Chromium (Debian's package, driven by Playwright), all cells run on the offline model,
+then the panels used as a person would. Screenshots go to artifacts/e2e/.
+
+Run with `make test-e2e` (CI does). Needs /usr/bin/chromium: `apt-get install -y chromium`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "artifacts" / "e2e"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+TOKEN = "workbench-e2e"
+# Short runs: the point here is what a person sees, the numbers are tested elsewhere.
+KERNEL_ENV = {"WB_METHODS": "fp32,bnb-nf4", "WB_EVAL_TOKENS": "256", "WB_NEW_TOKENS": "8"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """JupyterLab serving a copy of the notebooks, news toast off, kernels on the offline model."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (.ci/run does).")
+    root = tmp_path_factory.mktemp("lab")
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):
+        shutil.copy(notebook, root)
+    settings = tmp_path_factory.mktemp("settings")
+    notification = settings / "@jupyterlab" / "apputils-extension"
+    notification.mkdir(parents=True)
+    (notification / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port = _free_port()
+    env = {**os.environ, **KERNEL_ENV, "JUPYTERLAB_SETTINGS_DIR": str(settings)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.disable_check_xsrf=True", "--allow-root",
+         f"--LabApp.workspaces_dir={tmp_path_factory.mktemp('workspaces')}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail(f"JupyterLab did not start; see {root / 'server.log'}")
+    yield url
+    server.terminate()
+    server.wait(20)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+def _open(browser, lab: str, name: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{lab}/lab/tree/{name}?reset&token={TOKEN}")  # reset: no tabs restored from an earlier page
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=180_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=180_000)
+    return page, errors
+
+
+def _run_all(page, timeout_s: float = 600) -> None:
+    """Menu Run -> Run All Cells, retried until the first code cell has run (the first try
+    sometimes does nothing), then wait until no cell is queued or running."""
+    first_prompt = page.locator(".jp-CodeCell .jp-InputPrompt").first
+    for _ in range(5):
+        page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name=re.compile("^Run All Cells")).click()
+        try:
+            page.wait_for_function("el => /\\[[0-9*]+\\]/.test(el.textContent)", arg=first_prompt.element_handle(), timeout=15_000)
+            break
+        except Exception:
+            continue
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_text_contents()
+        if prompts and all(re.search(r"\[\d+\]", p) for p in prompts):
+            return
+        time.sleep(2)
+    raise AssertionError(f"cells still running after {timeout_s} s: {prompts}")
+
+
+def _screenshot(page, name: str) -> None:
+    """The whole notebook: a tall viewport, since JupyterLab scrolls inside its own panel."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1400, "height": 6000})
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(SHOTS / name))
+
+
+def _assert_no_error_outputs(page) -> None:
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
+    assert errors.count() == 0, errors.first.inner_text()
+
+
+def test_basics_notebook_renders_tables_and_charts(browser, lab):
+    page, page_errors = _open(browser, lab, "01_quantization_basics.ipynb")
+    _run_all(page)
+    _assert_no_error_outputs(page)
+    page.wait_for_selector(".js-plotly-plot", timeout=30_000)
+    traces = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].map(p => (p.data || []).length)")
+    assert len(traces) >= 3 and all(n >= 1 for n in traces), traces
+    assert page.get_by_text("absmax int8").first.is_visible() or page.get_by_text("absmax int8").count() > 0
+    _screenshot(page, "01_quantization_basics.png")
+    assert not page_errors, page_errors
+
+
+def test_compare_notebook_panels_work_in_the_browser(browser, lab):
+    page, page_errors = _open(browser, lab, "02_compare_methods.ipynb")
+    _run_all(page)
+    _assert_no_error_outputs(page)
+    assert page.locator(".widget-button, .jupyter-button").count() >= 3  # Will it fit, Compare, Generate, ...
+    assert page.locator(".widget-dropdown select, .widget-dropdown").count() >= 2
+    page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+    table = page.locator("table").filter(has_text="perplexity").first
+    assert "fp32" in table.inner_text() and "bnb-nf4" in table.inner_text()
+
+    # As a person: open the quanto family, tick quanto-int8, press Compare, wait for "done".
+    page.locator(".widget-accordion").get_by_text("quanto", exact=True).first.click()
+    page.get_by_label("quanto-int8").check()
+    page.get_by_role("button", name="Compare").click()
+    page.wait_for_function("() => [...document.querySelectorAll('b')].some(b => /^done after/.test(b.textContent)"
+                           " && b.closest('.widget-vbox') && b.closest('.widget-vbox').textContent.includes('Compare'))",
+                           timeout=300_000)
+    page.wait_for_selector("table:has-text('quanto-int8')", timeout=60_000)
+    traces = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].map(p => (p.data || [])[0]?.x?.length || 0)")
+    assert traces and max(traces) >= 3, traces  # charts redrawn with the third method
+    _assert_no_error_outputs(page)
+    _screenshot(page, "02_compare_methods.png")
+    assert not page_errors, page_errors
