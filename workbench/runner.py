@@ -126,12 +126,12 @@ def measure_method(session: Session, choice: str, log: Callable[[str], None] = p
     except Exception as exc:
         model = None
         shutil.rmtree(workdir, ignore_errors=True)
-        _free_memory()
+        free_memory()
         return Measured(_failed(session, label, method, params, _error_message(exc, label, method, log)))
     if not keep_model:
         model = None
         shutil.rmtree(workdir, ignore_errors=True)
-        _free_memory()
+        free_memory()
     log(f"[{label}] perplexity {ppl.ppl:.2f} in {eval_s:.1f} s")
     result = Result(
         model=session.source.label, method=label, family=method.family, bits=method.bits_for(params), params=params,
@@ -185,7 +185,7 @@ def generate(session: Session, choice: str, prompt: str, max_new_tokens: int = 4
         return Generation(label, error=_error_message(exc, label, method if "method" in locals() else None, log))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-        _free_memory()
+        free_memory()
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -248,7 +248,7 @@ def _failed(session: Session, label: str, method, params: dict, message: str) ->
                   environment=environment(session.device, method) if method else {}, model_note=session.source.note, timestamp=_now())
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
     import torch
 
     gc.collect()

@@ -15,6 +15,7 @@ import ipywidgets as widgets
 
 from .. import charts, results, runner
 from ..config import EvalConfig
+from ..errors import WorkbenchError
 from ._base import FigureArea, Job, Panel, table_html
 from .pickers import MethodPicker, ModelPicker
 
@@ -44,8 +45,6 @@ class QuantizePanel(Panel):
     def _show(self, measured: runner.Measured) -> None:
         self.result, self.model, self._workdir = measured.result, measured.model, measured.workdir
         if measured.result.error:
-            from ..errors import WorkbenchError
-
             raise WorkbenchError(measured.result.error)
         self.summary.value = table_html(results.table_rows([measured.result])) + \
             f"<p style='font-size:11px'>{html.escape(' '.join(results.footnotes([measured.result])))}</p>"
@@ -55,7 +54,7 @@ class QuantizePanel(Panel):
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
-        runner._free_memory()
+        runner.free_memory()
 
 
 class ComparePanel(Panel):
