@@ -34,7 +34,7 @@ $(WIDGETS7)/.installed: $(STAMP)
 	touch $@
 
 test: setup $(WIDGETS7)/.installed
-	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 \
+	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 WB_STEPS=4 WB_DEPLOY=rtn \
 		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env
 	WORKBENCH_EXPECT_IPYWIDGETS=7.7.1 PYTHONPATH=$(WIDGETS7) $(PY) -m pytest tests/test_panels.py
 
@@ -47,4 +47,4 @@ bench: setup
 	$(PY) bench/workbench_overhead.py
 
 clean:
-	rm -rf results bench/out artifacts .pytest_cache $(WIDGETS7)
+	rm -rf results bench/out artifacts .pytest_cache $(WIDGETS7) notebooks/results notebooks/logs logs

@@ -6,7 +6,8 @@
 """
 
 from ._base import table_html
+from .finetune import FineTunePanel, MergeDeployPanel
 from .pickers import MethodPicker, ModelPicker
 from .work import ComparePanel, GeneratePanel, QuantizePanel
 
-__all__ = ["table_html", "ModelPicker", "MethodPicker", "QuantizePanel", "ComparePanel", "GeneratePanel"]
+__all__ = ["table_html", "ModelPicker", "MethodPicker", "QuantizePanel", "ComparePanel", "GeneratePanel", "FineTunePanel", "MergeDeployPanel"]
