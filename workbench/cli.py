@@ -94,10 +94,10 @@ def _compare(args) -> int:
     session = runner.Session.open(spec, eval_cfg, _log)
     out = Path(args.out)
     history = out / "history.jsonl"
+    previous = results.read_history(history)
     with contextlib.redirect_stdout(sys.stderr):  # quantization libraries print progress: keep stdout for the table
-        measured = runner.compare(session, choices, results.read_history(history), args.rerun, _log, _progress_bar())
-    fresh = [r for r in measured if r not in results.read_history(history)]
-    results.append_history(fresh, history)
+        measured = runner.compare(session, choices, previous, args.rerun, _log, _progress_bar())
+    results.append_history([r for r in measured if r not in previous], history)
     results.write_json(measured, out / "results.json")
     results.write_csv(measured, out / "results.csv")
     charts.write_report(measured, out / "report.html", left_out)

@@ -164,7 +164,7 @@ def generate(session: Session, choice: str, prompt: str, max_new_tokens: int = 4
     """Quantize with one method and answer `prompt` greedily (chat template when the model has one)."""
     import torch
 
-    label, workdir = choice, Path(tempfile.mkdtemp(prefix="workbench-"))
+    label, method, workdir = choice, None, Path(tempfile.mkdtemp(prefix="workbench-"))
     try:
         method, params = methods.parse_choice(choice)
         label = methods.label(method, params)
@@ -182,7 +182,7 @@ def generate(session: Session, choice: str, prompt: str, max_new_tokens: int = 4
         new = out[0, len(ids):]
         return Generation(label, session.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) / seconds)
     except Exception as exc:
-        return Generation(label, error=_error_message(exc, label, method if "method" in locals() else None, log))
+        return Generation(label, error=_error_message(exc, label, method, log))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         free_memory()
