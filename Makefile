@@ -45,6 +45,7 @@ test-e2e: setup
 bench: setup
 	$(PY) bench/perplexity_throughput.py
 	$(PY) bench/workbench_overhead.py
+	$(PY) bench/worker_isolation.py
 
 clean:
 	rm -rf results bench/out artifacts .pytest_cache $(WIDGETS7) notebooks/results notebooks/logs logs

@@ -1,4 +1,6 @@
-"""Generate the small fine-tuning set in data/finetune/ (stdlib only, deterministic).
+"""Generate the small fine-tuning set in workbench/datasets/finetune/ (stdlib only, deterministic).
+
+It ships inside the package (package data), so an installed wheel has it too.
 
 Every example asks how much memory the weights of a model take at a given bit width and
 answers in one fixed format that shows the arithmetic:
@@ -12,7 +14,7 @@ given in MB. The number after "About" is the exact result rounded half up to one
 Whole (parameter count, bit width) facts are held out: held-out prompts use the same
 question templates and answer format as training, but their facts never appear in training.
 
-    python data/make_finetune_set.py            # rewrites data/finetune/ byte-for-byte
+    python data/make_finetune_set.py            # rewrites workbench/datasets/finetune/ byte-for-byte
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 SEED = 0
-OUT_DIR = Path(__file__).resolve().parent / "finetune"
+OUT_DIR = Path(__file__).resolve().parents[1] / "workbench" / "datasets" / "finetune"
 
 # Parameter counts as written in questions: (short form, number, unit word).
 PARAMS = [

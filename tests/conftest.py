@@ -57,4 +57,4 @@ def tiny_session(tiny_folder):
     from workbench.config import EvalConfig, ModelSpec
 
     return runner.Session.open(ModelSpec(str(tiny_folder), device="cpu"),
-                               EvalConfig(max_length=128, stride=128, max_tokens=512, decode_tokens=4))
+                               EvalConfig(max_length=128, stride=128, max_tokens=512, decode_tokens=8))

@@ -10,7 +10,7 @@ import pytest
 
 from workbench.cli import main
 
-FAST = ["--max-length", "128", "--max-tokens", "256", "--decode-tokens", "2"]
+FAST = ["--max-length", "128", "--max-tokens", "256", "--decode-tokens", "8"]
 
 
 def run(capsys, *argv):
@@ -33,23 +33,24 @@ def test_methods_json_lists_every_method_with_availability(capsys):
 
 def test_compare_writes_results_and_goes_on_after_a_failure(capsys, tiny_folder, tmp_path):
     out_dir = tmp_path / "out"
-    code, out, err = run(capsys, "compare", "--model", str(tiny_folder), "--methods", "fp32,bnb-nf4,gptq:bits=5,torchao-int4",
+    code, out, err = run(capsys, "compare", "--model", str(tiny_folder), "--methods", "fp32,bnb-nf4,torchao-int4,fp32",
                          "--out", str(out_dir), *FAST)
     assert code == 0
+    assert "named twice" in err  # the duplicate is measured once
     results = json.loads((out_dir / "results.json").read_text())
-    assert [r["method"] for r in results] == ["fp32", "bnb-nf4", "gptq:bits=5", "torchao-int4"]
+    assert [r["method"] for r in results] == ["fp32", "bnb-nf4", "torchao-int4"]
     for r in results:
-        assert {"method", "ppl", "weight_bytes", "peak_bytes", "load_s", "decode_tokens_per_s", "error", "protocol"} <= set(r)
-    fp32, nf4, bad_bits, gpu_only = results
-    assert fp32["error"] is None and nf4["error"] is None
+        assert {"method", "label", "ppl", "weight_bytes", "peak_bytes", "peak_above_baseline_bytes", "load_s",
+                "decode_tokens_per_s", "decode_spread", "mode", "error", "protocol"} <= set(r)
+    fp32, nf4, gpu_only = results
+    assert fp32["error"] is None and nf4["error"] is None and fp32["mode"] == nf4["mode"] == "worker"
     assert nf4["weight_bytes"] < fp32["weight_bytes"] and nf4["ppl"] > 1
     assert fp32["protocol"]["max_length"] == 128 and fp32["protocol"]["stride"] == 127 and fp32["protocol"]["n_tokens"] == 255
-    assert "bits=5 is not supported" in bad_bits["error"]
     assert "cuda only" in gpu_only["error"]
     assert (out_dir / "results.csv").read_text().startswith("model,method,")
     assert "js-plotly-plot" in (out_dir / "report.html").read_text() or "plotly" in (out_dir / "report.html").read_text()
     assert "bnb-nf4" in out and "Δ ppl %" in out and "Traceback" not in err
-    assert len((out_dir / "history.jsonl").read_text().splitlines()) == 4
+    assert len((out_dir / "history.jsonl").read_text().splitlines()) == 3
 
 
 def test_compare_reuses_history_unless_rerun(capsys, tiny_folder, tmp_path):
@@ -62,10 +63,12 @@ def test_compare_reuses_history_unless_rerun(capsys, tiny_folder, tmp_path):
     assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 2
 
 
-def test_compare_exits_non_zero_when_nothing_succeeds(capsys, tiny_folder, tmp_path):
-    code, _, _ = run(capsys, "compare", "--model", str(tiny_folder), "--methods", "nope", "--out", str(tmp_path), *FAST)
-    assert code == 1
-    assert "unknown method 'nope'" in json.loads((tmp_path / "results.json").read_text())[0]["error"]
+def test_compare_exits_non_zero_when_nothing_succeeds_and_keeps_earlier_results(capsys, tiny_folder, tmp_path):
+    run(capsys, "compare", "--model", str(tiny_folder), "--methods", "fp32", "--out", str(tmp_path), *FAST)
+    before = (tmp_path / "results.json").read_text()
+    code, out, _ = run(capsys, "compare", "--model", str(tiny_folder), "--methods", "torchao-int4", "--out", str(tmp_path), *FAST)
+    assert code == 1 and "cuda only" in out and "left as they were" in out
+    assert (tmp_path / "results.json").read_text() == before
 
 
 def test_eval_text_file_is_used_and_named(capsys, tiny_folder, tmp_path):
@@ -87,6 +90,8 @@ def test_eval_text_file_is_used_and_named(capsys, tiny_folder, tmp_path):
     (None, ["--eval-text", "/no/such.txt"], "no such file"),
     (None, ["--stride", "4096"], "larger than max_length"),
     (None, ["--methods", ","], "no method named"),
+    (None, ["--methods", "nope"], "unknown method 'nope'"),
+    ("file", ["--out", "{file}"], "cannot write there"),
     (None, ["--model", "missing.gguf"], "no such .gguf file"),
 ])
 def test_bad_input_gives_one_clear_message(capsys, tiny_folder, tmp_path, setup, argv, message):
@@ -99,6 +104,8 @@ def test_bad_input_gives_one_clear_message(capsys, tiny_folder, tmp_path, setup,
         target.write_text("Too short.", encoding="utf-8")
     elif setup == "binary":
         target.write_bytes(b"\xff\xfe\x00\x80 binary")
+    elif setup == "file":
+        target.write_text("a file, not a folder", encoding="utf-8")
     argv = [a.format(dir=target, file=target) for a in argv]
     if "--model" not in argv:
         argv += ["--model", str(tiny_folder)]

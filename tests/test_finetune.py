@@ -1,32 +1,28 @@
-"""QLoRA fine-tuning: config checks, data, mechanics on the tiny model, effects on the real one.
+"""QLoRA fine-tuning: config checks, data, and mechanics on the tiny model (seconds).
 
-The real-model tests share one short run (8 steps, batch 4, 96 tokens, 16 held-out
-examples) and one reloaded adapter, so the whole file stays within a few minutes on 2 cores.
+What training does to the real model (QLoRA vs plain LoRA, reload, merge) is tested in
+test_qlora_cpu.py, where those runs are shared.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 
 from workbench import finetune as ft
-from workbench import models, results
+from workbench import data, models, results
 from workbench.errors import WorkbenchError
 
 
-def _small_data(folder: Path, heldout: int, prompts: int) -> str:
-    """The bundled training set with a shorter held-out set and fewer fixed prompts (test speed)."""
+def _small_data(folder: Path, rows: int) -> str:
+    """One .jsonl file of the first bundled training rows: its last 10% is held out and prompted (test speed)."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ft.DATA_DIR / "train.jsonl", folder / "train.jsonl")
-    rows = (ft.DATA_DIR / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
-    (folder / "heldout.jsonl").write_text("\n".join(rows[:heldout]) + "\n", encoding="utf-8")
-    fixed = json.loads((ft.DATA_DIR / "prompts.json").read_text(encoding="utf-8"))
-    (folder / "prompts.json").write_text(json.dumps(fixed[:prompts]), encoding="utf-8")
-    return str(folder)
+    path = folder / "small.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in ft.load_rows(None)[0][:rows]), encoding="utf-8")
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,7 @@ def test_untrainable_base_is_refused_before_loading(bundled_source):
 def test_bundled_set_loads_and_a_missing_folder_says_what_to_do(monkeypatch, tmp_path):
     train, heldout, prompts = ft.load_rows(None)
     assert (len(train), len(heldout), len(prompts)) == (320, 40, 5)
-    monkeypatch.setattr(ft, "DATA_DIR", tmp_path / "gone")
+    monkeypatch.setattr(data, "FINETUNE_DIR", tmp_path / "gone")
     with pytest.raises(WorkbenchError, match="data_path=.*make_finetune_set"):
         ft.load_rows(None)
 
@@ -125,7 +121,7 @@ def test_training_changes_only_the_adapter_and_stop_ends_it(tiny_source, tokeniz
 
 
 def test_merge_refusals_are_checked_before_any_loading(tmp_path, tiny_source):
-    reasons = {"gptq": "PEFT cannot merge a LoRA adapter into GPTQ", "awq": "into AWQ",
+    reasons = {"gptq": "PEFT cannot merge a LoRA adapter into packed int weights", "awq": "into packed int weights",
                "quanto-int8": "silently drops the adapter"}
     for choice, reason in reasons.items():
         folder = tmp_path / choice
@@ -139,11 +135,11 @@ def test_merge_refusals_are_checked_before_any_loading(tmp_path, tiny_source):
 def test_tiny_pipeline_reloads_merges_and_deploys(tmp_path, tiny_source, tiny_session, monkeypatch):
     monkeypatch.chdir(tmp_path)  # gptqmodel writes a logs/ folder into the working directory
     config = ft.FinetuneConfig(max_steps=2, max_seq_len=96, max_new_tokens=4, output_dir=str(tmp_path / "run"),
-                               data_path=_small_data(tmp_path / "data", heldout=8, prompts=2))
+                               data_path=_small_data(tmp_path / "data", rows=40))
     run = ft.finetune(tiny_source, config, log=lambda _: None)
     report = run.report
     assert [step for step, _ in report.losses] == [1, 2] and report.steps == 2 and not report.stopped_early
-    assert len(report.generations_before) == len(report.generations_after) == len(report.prompts) == 2
+    assert len(report.generations_before) == len(report.generations_after) == len(report.prompts) == 4
     assert math.isclose(report.heldout_ppl_after, math.exp(report.heldout_loss_after))
     assert Path(report.adapter_dir, "adapter_model.safetensors").is_file()
     _, loss = ft.reload_adapter(tiny_source, report.adapter_dir, expected_loss=report.heldout_loss_after, log=lambda _: None)
@@ -152,55 +148,8 @@ def test_tiny_pipeline_reloads_merges_and_deploys(tmp_path, tiny_source, tiny_se
     assert merge.merged_loss == pytest.approx(merge.unmerged_loss, rel=ft.MERGE_RTOL)
     assert json.loads(Path(merge.merged_dir, "config.json").read_text())["dtype"] == "float16"
     rows = ft.deploy_compare(tiny_session, merge.merged_dir, methods=("rtn",), log=lambda _: None)
-    assert [r.method for r in rows] == ["bnb-nf4+lora", "merged rtn"]
+    assert [r.label for r in rows] == ["bnb-nf4+lora", "merged rtn"] and [r.method for r in rows] == ["bnb-nf4", "rtn"]
     assert all(r.error is None and r.ppl and math.isfinite(r.ppl) for r in rows), [r.error for r in rows]
     assert rows[0].protocol["n_tokens"] == rows[1].protocol["n_tokens"]
     table = results.format_table(rows)
     assert "bnb-nf4+lora" in table and "merged rtn" in table
-
-
-# ---------------------------------------------------------------------------- effects (real model)
-
-@pytest.fixture(scope="module")
-def real_run(bundled_source, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qlora")
-    config = ft.FinetuneConfig(max_steps=8, batch_size=4, max_seq_len=96, max_new_tokens=8, output_dir=str(folder),
-                               data_path=_small_data(folder / "data", heldout=16, prompts=2))
-    return ft.finetune(bundled_source, config, log=print)
-
-
-@pytest.fixture(scope="module")
-def reloaded(bundled_source, real_run):
-    return ft.reload_adapter(bundled_source, real_run.report.adapter_dir, log=print)
-
-
-@pytest.mark.slow
-def test_qlora_lowers_heldout_loss_on_the_real_model(real_run):
-    report = real_run.report
-    print(f"held-out loss {report.heldout_loss_before:.4f} -> {report.heldout_loss_after:.4f}, "
-          f"{report.steps} steps, {report.s_per_step:.1f} s/step, {report.trainable_params:,} trainable")
-    assert report.heldout_loss_after < report.heldout_loss_before - 0.1
-    assert report.trainable_params == 2_442_240  # r=8 on q/k/v/o/gate/up/down of 30 blocks
-    assert len(report.losses) == 8 and report.peak_bytes > 0
-
-
-@pytest.mark.slow
-def test_adapter_reloads_to_the_same_heldout_loss(real_run, reloaded):
-    _, loss = reloaded
-    assert loss == pytest.approx(real_run.report.heldout_loss_after, rel=1e-4)
-
-
-@pytest.mark.slow
-def test_exact_merge_matches_within_the_quantization_gap(bundled_source, real_run, reloaded, tmp_path):
-    model, _ = reloaded
-    merge = ft.merge_to_dequantized(bundled_source, real_run.report.adapter_dir, tmp_path / "merged", trained=model, log=print)
-    print(f"trained (nf4 + adapter) {merge.adapter_loss:.4f}, merged fp {merge.merged_loss:.4f}, difference "
-          f"{merge.difference:.4f}, nf4 vs fp base gap {merge.base_gap:.4f}, tolerance {merge.tolerance:.4f}")
-    assert merge.merged_loss == pytest.approx(merge.unmerged_loss, rel=ft.MERGE_RTOL)  # the merge itself is exact
-    assert merge.within_tolerance and merge.difference <= ft.merge_tolerance(merge.base_gap)
-    assert merge.base_gap > 0.01  # nf4 really differs from fp32 here, so the tolerance is not vacuous
-    # The path users ship: the fp16 files, loaded again (fp32 compute on CPU).
-    saved = models.load_model(models.ModelSource("merged", merge.merged_dir), "cpu")
-    config = ft.saved_config(real_run.report.adapter_dir)
-    heldout = ft.encode(real_run.tokenizer, None, ft.load_rows(config.data_path)[1], config.max_seq_len)
-    assert ft.heldout_loss(saved, heldout, real_run.tokenizer.pad_token_id) == pytest.approx(merge.merged_loss, rel=1e-2)

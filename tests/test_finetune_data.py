@@ -1,4 +1,4 @@
-"""The generated fine-tuning set in data/finetune/: reproducible, held out by fact, arithmetically right."""
+"""The generated fine-tuning set in workbench/datasets/finetune/ (package data): reproducible, held out by fact, arithmetically right."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-FINETUNE = DATA / "finetune"
+FINETUNE = Path(__file__).resolve().parents[1] / "workbench" / "datasets" / "finetune"
 FILES = ("train.jsonl", "heldout.jsonl", "prompts.json")
 
 PARAMS_RE = re.compile(r"\b(\d+(?:\.\d+)?)(?:([MB])\b| (million|billion)\b)")
@@ -127,3 +127,9 @@ def test_sizes_are_as_documented(train, heldout, prompts):
     assert len({_fact(p["instruction"]) for p in prompts}) == 5
     assert len(_script().TEMPLATES) >= 5
     assert sum((FINETUNE / name).stat().st_size for name in FILES) < 200_000
+
+
+def test_the_package_finds_the_set_it_ships():
+    from workbench import data
+
+    assert data.data_folder().resolve() == FINETUNE.resolve()  # via importlib.resources, as in an installed wheel

@@ -15,9 +15,10 @@ from workbench.config import EvalConfig
 from workbench.errors import WorkbenchError
 from workbench.finetune import FinetuneConfig
 from workbench.panels import FineTunePanel, MergeDeployPanel, ModelPicker
+from workbench.panels._base import JobState
 from workbench.panels.finetune import smoothed
 
-FAST = EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=2)
+FAST = EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=8)  # 8: the fewest EvalConfig accepts
 SHORT = FinetuneConfig(max_seq_len=96, max_new_tokens=4)
 
 
@@ -62,7 +63,8 @@ def test_train_shows_states_live_curve_before_after_and_saves_the_adapter(model,
         assert text in panel.summary.value
     assert "before" in panel.generations.value and report.prompts[0][:20] in panel.generations.value
     assert "3 steps" in panel.live.value and "peak memory" in panel.live.value
-    assert panel.finetuned.model is not None and not panel.button.disabled
+    assert panel.job.state is JobState.DONE and panel.trained.model is not None and not panel.button.disabled
+    assert (panel.trained.base, panel.trained.device, panel.trained.adapter_dir) == ("bnb-nf4", "cpu", panel.adapter_dir)
 
 
 def test_stop_ends_training_early_as_cancelled(model, tmp_path):
@@ -118,8 +120,10 @@ def test_merge_then_deploy_with_rtn_shows_adapter_and_deployed_rows(model, tmp_p
     monkeypatch.chdir(tmp_path)  # gptqmodel (rtn) writes a logs/ folder into the working directory
     tuned = _trained(model, tmp_path / "out")
     panel = MergeDeployPanel(tuned, out_dir=str(tmp_path / "out"), eval_cfg=FAST)
+    model.custom.value = str(tmp_path / "another-model")  # merge and deploy use what was trained, not the picker now
     panel.merge_button.click()
     assert panel.merge_job.wait(300) == "done", panel.merge_job.error
+    assert panel.merged_from == tuned.trained and panel.merged_from.model is None  # the trained model is not kept twice
     assert panel.merge_job.states == ["idle", "running", "done"]
     report = panel.merge_report
     assert report.merged_loss == pytest.approx(report.unmerged_loss, rel=1e-4)
@@ -131,7 +135,7 @@ def test_merge_then_deploy_with_rtn_shows_adapter_and_deployed_rows(model, tmp_p
     panel.deploy_button.click()
     assert panel.deploy_job.wait(300) == "done", panel.deploy_job.error
     assert panel.deploy_job.states == ["idle", "running", "done"]
-    assert [r.method for r in panel.results] == ["bnb-nf4+lora", "merged rtn"]
+    assert [r.label for r in panel.results] == ["bnb-nf4+lora", "merged rtn"] and panel.results[0].adapter == str(tuned.adapter_dir)
     assert all(r.error is None and r.ppl > 1 for r in panel.results)
     for text in ("bnb-nf4+lora", "merged rtn", "perplexity", "tokens scored"):
         assert text in panel.table.value

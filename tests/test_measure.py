@@ -85,23 +85,56 @@ def test_fp32_weight_bytes_are_four_per_parameter(tiny):
     model, _ = tiny
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}  # tied embeddings once
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    assert measure.weight_bytes(model) == 4 * sum(unique.values()) + buffers
-    assert measure.linear_bits_per_weight(model) == 32
+    stored = measure.storage(model)
+    assert stored.weight_bytes == 4 * sum(unique.values()) + buffers
+    assert stored.bits_per_weight == 32 and stored.kernel == "Linear"
 
 
 def test_quanto_storage_is_counted_from_real_tensors_not_the_footprint(tiny_session):
     from optimum import quanto
 
     model = models.load_model(tiny_session.source, "cpu")
-    fp32_bytes = measure.weight_bytes(model)
+    fp32_bytes = measure.storage(model).weight_bytes
     quanto.quantize(model, weights=quanto.qint8, exclude="lm_head")
     quanto.freeze(model)
     assert model.get_memory_footprint() >= fp32_bytes * 0.99  # transformers' number stays at the fp32 size
-    assert 8 <= measure.linear_bits_per_weight(model) < 8.6
-    assert measure.weight_bytes(model) < fp32_bytes
+    stored = measure.storage(model)
+    assert 8 <= stored.bits_per_weight < 8.6
+    assert stored.weight_bytes < fp32_bytes
 
 
-def test_decode_speed_is_measured(tiny):
+def test_decode_speed_is_the_median_of_repetitions_with_its_spread(tiny):
     model, ids = tiny
-    speed = measure.decode_speed(model, ids[:8], new_tokens=4, pad_token_id=0)
-    assert speed.decode_tokens_per_s > 0 and speed.prefill_ms > 0 and speed.new_tokens == 4
+    speed = measure.decode_speed(model, ids[:8], new_tokens=8, pad_token_id=0)
+    assert speed.decode_tokens_per_s > 0 and speed.prefill_ms > 0 and speed.new_tokens == 8
+    assert speed.repeats >= measure.MIN_DECODE_REPEATS and speed.decode_spread >= 1.0
+
+
+def test_too_few_decode_tokens_are_refused(tiny):
+    from workbench.config import EvalConfig
+    from workbench.errors import WorkbenchError
+
+    model, ids = tiny
+    with pytest.raises(WorkbenchError, match="at least 8"):
+        measure.decode_speed(model, ids[:8], new_tokens=1, pad_token_id=0)
+    with pytest.raises(WorkbenchError, match="decode_tokens: 4 new tokens are too few"):
+        EvalConfig(decode_tokens=4)
+
+
+def test_nll_sum_is_the_shifted_cross_entropy_over_labelled_tokens():
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[3, 4, -100, 1, 2], [-100, -100, 5, 6, 7]])
+    total, count = measure.nll_sum(logits, labels)
+    logp = torch.log_softmax(logits, dim=-1)
+    expected = [-logp[b, t - 1, labels[b, t]].item() for b in range(2) for t in range(1, 5) if labels[b, t] != -100]
+    assert count == len(expected) == 6 and total == pytest.approx(sum(expected), rel=1e-5)
+
+
+def test_a_non_finite_perplexity_is_an_error_not_a_number(tiny_session):
+    from workbench.errors import WorkbenchError
+
+    model = models.load_model(tiny_session.source, "cpu")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(WorkbenchError, match="not finite"):
+        measure.perplexity(model, tiny_session.eval_ids, 128, 128)

@@ -14,7 +14,7 @@ import pytest
 from workbench.config import EvalConfig
 from workbench.panels import ComparePanel, GeneratePanel, MethodPicker, ModelPicker, QuantizePanel
 
-FAST = EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=2)
+FAST = EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=8)
 SECRET = "hf_NEVER_SHOW_THIS_TOKEN_123"
 
 

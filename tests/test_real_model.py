@@ -10,23 +10,45 @@ import math
 
 import pytest
 
-from workbench import runner
+from workbench import estimate, executors, methods, models, runner
 from workbench.config import EvalConfig, ModelSpec
 
 pytestmark = pytest.mark.slow
 
-METHODS = ["fp32", "bnb-int8", "quanto-int8", "torchao-int8", "bnb-nf4", "bnb-fp4", "quanto-int2", "rtn", "gptq"]
+METHODS = ["fp32", "bnb-int8", "quanto-int8", "torchao-int8", "bnb-nf4", "bnb-nf4:double_quant=false", "bnb-fp4",
+           "quanto-int2", "hqq", "rtn", "gptq"]
 
 
 @pytest.fixture(scope="module")
-def ppl():
+def measured():
     session = runner.Session.open(ModelSpec("bundled", device="cpu"), EvalConfig(max_tokens=2048, decode_tokens=0))
-    results = runner.compare(session, METHODS, log=lambda m: None)
-    failed = {r.method: r.error for r in results if r.error}
+    results = runner.compare(session, METHODS, log=lambda m: None, executor=executors.InProcess())
+    failed = {r.label: r.error for r in results if r.error}
     assert not failed, failed
     for r in results:
-        print(f"{r.method:14} ppl {r.ppl:.2f}  {r.bits_per_weight:.2f} bits/weight")
-    return {r.method: r.ppl for r in results}
+        print(f"{r.label:28} ppl {r.ppl:.2f}  {r.bits_per_weight:.3f} bits/weight  {r.weight_bytes / 2**20:.1f} MB")
+    return session, {r.label: r for r in results}
+
+
+@pytest.fixture(scope="module")
+def ppl(measured):
+    return {label: r.ppl for label, r in measured[1].items()}
+
+
+def test_double_quantization_saves_about_0_37_bits_per_weight(measured):
+    results = measured[1]
+    saved = results["bnb-nf4(double_quant=False)"].bits_per_weight - results["bnb-nf4"].bits_per_weight
+    assert 0.3 < saved < 0.45  # fp32 absmax per 64 weights (0.5 bits) -> 8-bit absmax + fp32 per 256 blocks (0.127)
+
+
+@pytest.mark.parametrize("label", METHODS)
+def test_the_estimate_agrees_with_the_measurement_within_5_percent(measured, label):
+    session, results = measured
+    result = results[methods.parse(label).label]
+    total, linear = estimate.count_params(models.empty_model(session.source))
+    choice = methods.parse(label)
+    expected = estimate.method_estimate(choice.method, total, linear, {}, "cpu", choice.params).weight_bytes
+    assert result.weight_bytes == pytest.approx(expected, rel=0.05)
 
 
 def test_fp32_baseline_is_a_working_language_model(ppl):

@@ -1,7 +1,8 @@
 """Quantization Workbench: quantize a causal LM, measure it, compare methods, fine-tune.
 
-The public API is small: configs, the method registry, `run_method`/`compare`, and
-the result records. Heavy libraries are imported lazily, so `import workbench` is instant.
+The public API is small: configs, the method registry, the runner's two verbs
+(`runner.build`, `runner.measure`) and `runner.compare`, and the result records.
+Heavy libraries are imported lazily, so `import workbench` is instant.
 """
 
 from .config import EvalConfig, ModelSpec

@@ -15,7 +15,8 @@ BAR_METRICS = (
     # (title, unit label, function of a result, lower is better)
     ("Perplexity", "perplexity (lower is better)", lambda r: r.ppl, True),
     ("Weight memory", "MB of stored weights", lambda r: r.weight_bytes / MB if r.weight_bytes else None, True),
-    ("Peak memory", "MB peak", lambda r: r.peak_bytes / MB if r.peak_bytes else None, True),
+    ("Peak memory", "MB peak above the worker's baseline",
+     lambda r: r.peak_above_baseline_bytes / MB if r.peak_above_baseline_bytes else None, True),
     ("Decode speed", "tokens/s (greedy, batch 1)", lambda r: r.decode_tokens_per_s, False),
 )
 
@@ -38,7 +39,7 @@ def bar_chart(results: list[Result], title: str, unit: str, value, lower_is_bett
     done = [r for r in _ok(results) if value(r) is not None]
     base = baseline_of(results)
     colors = ["#7f7f7f" if r is base else "#1f77b4" for r in done]
-    fig = go.Figure(go.Bar(x=[r.method for r in done], y=[value(r) for r in done], marker_color=colors,
+    fig = go.Figure(go.Bar(x=[r.label for r in done], y=[value(r) for r in done], marker_color=colors,
                            text=[f"{value(r):.3g}" for r in done], textposition="outside"))
     better = "lower is better" if lower_is_better else "higher is better"
     fig.update_layout(title=f"{title} ({better})<br><sup>{_protocol_line(results)}</sup>", yaxis_title=unit,
@@ -54,7 +55,7 @@ def ppl_vs_memory(results: list[Result]):
 
     done = [r for r in _ok(results) if r.ppl is not None and r.weight_bytes]
     fig = go.Figure(go.Scatter(x=[r.weight_bytes / MB for r in done], y=[r.ppl for r in done], mode="markers+text",
-                               text=[r.method for r in done], textposition="top center", marker={"size": 12}))
+                               text=[r.label for r in done], textposition="top center", marker={"size": 12}))
     fig.update_layout(title=f"Perplexity vs weight memory (bottom-left is best)<br><sup>{_protocol_line(results)}</sup>",
                       xaxis_title="weight memory (MB)", yaxis_title="perplexity", template="plotly_white", height=460)
     if done and max(r.ppl for r in done) > 20 * min(r.ppl for r in done):

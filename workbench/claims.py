@@ -10,7 +10,7 @@ SOURCE = "Hugging Face blog: Overview of natively supported quantization schemes
 
 
 def _get(results: list[Result], name: str) -> Result | None:
-    return next((r for r in results if r.method == name and r.error is None), None)
+    return next((r for r in results if r.label == name and r.error is None), None)
 
 
 def _claim(text: str, left: str, right: str, results: list[Result], value, holds) -> dict:

@@ -6,7 +6,9 @@
 
 Progress goes to stderr, the table to stdout. Expected problems print one line
 starting with "error:" and exit with status 2; `compare` exits non-zero only when no
-method succeeded. Tokens for gated models are read from the HF_TOKEN environment
+method succeeded. By default each method is built and measured in a fresh worker
+process (honest peak memory, crashes and timeouts contained); `--in-process` measures
+in this process. Each finished method is appended to OUT/history.jsonl at once. Tokens for gated models are read from the HF_TOKEN environment
 variable by the Hugging Face libraries, never from the command line (shell history).
 """
 
@@ -54,7 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--max-length", type=int, default=512, help="tokens per perplexity window (default 512)")
     cmp.add_argument("--stride", type=int, default=None, help="window step (default: = max-length, no overlap)")
     cmp.add_argument("--max-tokens", type=int, default=4096, help="evaluate on the first N tokens (0 = all; default 4096)")
-    cmp.add_argument("--decode-tokens", type=int, default=32, help="tokens generated to measure decode speed (0 = skip)")
+    cmp.add_argument("--decode-tokens", type=int, default=32, help="tokens generated to measure decode speed (0 = skip; else 8 or more)")
+    cmp.add_argument("--jobs", type=int, default=1, help="methods measured at once, each in its own worker (default 1; refused when they would not fit in memory)")
+    cmp.add_argument("--timeout", type=float, default=None, help="seconds one method may take before its worker is stopped (default: no limit)")
+    cmp.add_argument("--in-process", action="store_true", help="measure in this process instead of a fresh worker per method")
     cmp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cmp.add_argument("--out", default="results", help="output folder (default: results)")
     cmp.add_argument("--rerun", action="store_true", help="measure again configurations already in OUT/history.jsonl")
@@ -62,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     est = sub.add_parser("estimate", help="weight memory per method and which GPUs it fits, from the config alone")
     est.add_argument("--model", default="bundled")
+    est.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the weight MB column is meant (GPU columns are always shown)")
     est.add_argument("--json", action="store_true")
     est.set_defaults(run=_estimate)
     return parser
@@ -84,41 +90,80 @@ def _log(message: str) -> None:
 
 
 def _compare(args) -> int:
-    from . import charts, results, runner
+    from . import charts, executors, results, runner
     from .config import EvalConfig, ModelSpec
 
     spec = ModelSpec(args.model, device=args.device)
     eval_cfg = EvalConfig(max_length=args.max_length, stride=args.stride or args.max_length, max_tokens=args.max_tokens,
                           text_path=args.eval_text, decode_tokens=args.decode_tokens)
     choices, left_out = _choose_methods(args.methods, spec.resolved_device())
-    session = runner.Session.open(spec, eval_cfg, _log)
+    executor = executors.InProcess() if args.in_process else \
+        executors.WorkerProcesses(args.jobs, args.timeout, library_log=_log)
     out = Path(args.out)
+    _check_writable(out)
+    session = runner.Session.open(spec, eval_cfg, _log)
+    if not args.in_process:
+        executors.check_jobs_fit(args.jobs, session, choices)
     history = out / "history.jsonl"
-    previous = results.read_history(history)
-    with contextlib.redirect_stdout(sys.stderr):  # quantization libraries print progress: keep stdout for the table
-        measured = runner.compare(session, choices, previous, args.rerun, _log, _progress_bar())
-    results.append_history([r for r in measured if r not in previous], history)
-    results.write_json(measured, out / "results.json")
-    results.write_csv(measured, out / "results.csv")
-    charts.write_report(measured, out / "report.html", left_out)
+    previous = results.read_history(history, _log)
+    finished = []
+
+    def keep(result) -> None:
+        finished.append(result)
+        results.append_history([result], history)
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # quantization libraries print progress: keep stdout for the table
+            measured = runner.compare(session, choices, previous, args.rerun, _log, _progress_bar(), executor=executor,
+                                      on_result=keep)
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(finished)} finished result(s) kept in {history}", file=sys.stderr)
+        return 130
+    if any(r.error is None for r in measured):
+        results.write_json(measured, out / "results.json")
+        results.write_csv(measured, out / "results.csv")
+        charts.write_report(measured, out / "report.html", left_out)
+        wrote = f"Wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.html'} (history: {history})"
+    else:
+        wrote = f"Nothing succeeded, so {out}'s results files were left as they were (history: {history})"
     print(results.format_table(measured))
     for line in left_out:
         print(f"not run: {line}")
-    print(f"\nWrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.html'} (history: {history})")
+    print(f"\n{wrote}")
     return 0 if any(r.error is None for r in measured) else 1
 
 
-def _choose_methods(text: str | None, device: str) -> tuple[list[str], list[str]]:
-    """The methods to run and, for the default set, a line for each method left out and why."""
+def _check_writable(out: Path) -> None:
+    """Before any work: the output folder can be created and written to."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".workbench-write-test"
+        probe.write_text("", encoding="utf-8")
+        probe.unlink()
+    except OSError as exc:
+        raise WorkbenchError(f"--out {str(out)!r}: cannot write there ({exc.strerror or exc}); give a folder you can write to.") from None
+
+
+def _choose_methods(text: str | None, device: str) -> tuple[list, list[str]]:
+    """The methods to run, parsed and validated before any work (a typo is an error, not a
+    failed row after an hour of measuring), and for the default set a line for each method
+    left out and why. A choice named twice is measured once."""
     if text:
-        choices = [c.strip() for c in text.split(",") if c.strip()]
+        choices = []
+        for item in (c.strip() for c in text.split(",")):
+            if item:
+                choice = methods.parse(item)
+                if any(c.text == choice.text for c in choices):
+                    _log(f"note: {item} is named twice in --methods; measuring it once.")
+                else:
+                    choices.append(choice)
         if not choices:
             raise WorkbenchError("--methods: no method named. Example: --methods fp32,bnb-nf4,gptq:bits=4")
         return choices, []
     choices, left_out = [], []
     for method, reason in methods.available(device):
         if method.name in DEFAULT_METHODS and reason is None:
-            choices.append(method.name)
+            choices.append(methods.parse(method.name))
         elif reason:
             left_out.append(f"{method.name}: {reason}")
         else:
@@ -143,8 +188,11 @@ def _progress_bar():
 
 def _estimate(args) -> int:
     from . import estimate, models
+    from .config import ModelSpec
 
     source = models.resolve(args.model, log=_log)
-    result = estimate.estimate(source)
+    models.check_causal_lm(source)
+    device = ModelSpec(args.model, device=args.device).resolved_device()
+    result = estimate.estimate(source, device=device)
     print(json.dumps(estimate.to_dict(result), indent=2) if args.json else estimate.format_estimate(result))
     return 0

@@ -54,7 +54,7 @@ class EvalConfig:
     text_path: str | None = None
     """A UTF-8 text file to evaluate on; None = the built-in offline text (pydoc topics)."""
     decode_tokens: int = 32
-    """New tokens generated to measure decode throughput (0 = skip the speed measurement)."""
+    """New tokens generated to measure decode throughput (0 = skip the speed measurement; else at least 8)."""
 
     def __post_init__(self):
         for name in ("max_length", "stride", "batch_size"):
@@ -66,6 +66,9 @@ class EvalConfig:
             raise WorkbenchError(f"stride: {self.stride} is larger than max_length {self.max_length}; tokens would be skipped. Use stride <= max_length.")
         if self.max_tokens < 0 or self.decode_tokens < 0:
             raise WorkbenchError("max_tokens and decode_tokens must be 0 or more.")
+        if 0 < self.decode_tokens < 8:
+            raise WorkbenchError(f"decode_tokens: {self.decode_tokens} new tokens are too few to time (timer noise dominates); "
+                                 "use 8 or more, or 0 to skip the speed measurement.")
 
     def protocol(self) -> dict:
         return {"max_length": self.max_length, "stride": self.stride}

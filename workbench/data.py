@@ -86,3 +86,66 @@ def calibration_blocks(tokenizer, samples: int, block_tokens: int, text: Text | 
     if len(ids) < needed:
         raise WorkbenchError(f"calibration: {text.name!r} has {len(ids)} tokens, fewer than {samples} blocks x {block_tokens}. Lower the sample count or block length.")
     return [ids[i * block_tokens : (i + 1) * block_tokens] for i in range(samples)]
+
+
+# ---------------------------------------------------------------------------- fine-tuning sets
+# {instruction, response} rows. The bundled set ships inside the package (package data), so
+# `importlib.resources` finds it in an editable install and in an installed wheel alike.
+
+def _bundled_finetune_dir() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("workbench") / "datasets" / "finetune"))
+
+
+FINETUNE_DIR = _bundled_finetune_dir()
+"""The bundled fine-tuning set: train.jsonl, heldout.jsonl, prompts.json (see data/README.md)."""
+
+
+def data_folder() -> Path:
+    """The bundled fine-tuning set, with an actionable error when the package was installed without it."""
+    if not (FINETUNE_DIR / "train.jsonl").is_file():
+        raise WorkbenchError(f"fine-tuning data: the bundled set is not at {FINETUNE_DIR} (the package was installed without its "
+                             "datasets/ package data). Give data_path=<your .jsonl/.csv>, or regenerate it with `python data/make_finetune_set.py`.")
+    return FINETUNE_DIR
+
+
+def read_rows(path: Path) -> list[dict]:
+    """{instruction, response} rows from a .jsonl, .json (a list) or .csv file, with errors that name the row."""
+    import csv
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+        elif path.suffix == ".json":
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WorkbenchError(f"fine-tuning data {str(path)!r}: not valid UTF-8 JSON lines / CSV ({exc}).") from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip() for k in ("instruction", "response")):
+            raise WorkbenchError(f"fine-tuning data {str(path)!r}, row {number}: needs non-empty 'instruction' and 'response' fields.")
+    if not rows:
+        raise WorkbenchError(f"fine-tuning data {str(path)!r}: no rows.")
+    return [{"instruction": r["instruction"], "response": r["response"]} for r in rows]
+
+
+def load_rows(data_path: str | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, held-out, fixed prompts) from a folder (train.jsonl [heldout.jsonl, prompts.json]),
+    one file, or None for the bundled set. A single file keeps its last 10% (at least 1) as held-out."""
+    path = Path(data_path).expanduser() if data_path else data_folder()
+    if path.is_dir():
+        train = read_rows(path / "train.jsonl")
+        heldout = read_rows(path / "heldout.jsonl") if (path / "heldout.jsonl").is_file() else None
+    else:
+        train, heldout = read_rows(path), None
+    if heldout is None:
+        if len(train) < 2:
+            raise WorkbenchError(f"fine-tuning data {str(path)!r}: needs at least 2 rows (one is held out for evaluation).")
+        cut = max(1, len(train) // 10)
+        train, heldout = train[:-cut], train[-cut:]
+    prompts = read_rows(path / "prompts.json") if path.is_dir() and (path / "prompts.json").is_file() else heldout[:5]
+    return train, heldout, prompts

@@ -31,13 +31,6 @@ RUNTIME_FACTOR = 1.2
 """Rule of thumb, not a measurement: weights x 1.2 covers activations, KV cache for short
 prompts and the CUDA context. Long contexts and large batches need more."""
 
-PER_ROW_BITS = 0.03
-"""One scale per output row costs 16-32 bits over a row of 1k-4k weights: about 0.01-0.03 bits."""
-
-NON_LINEAR_BITS = 16
-"""Quantized methods keep embeddings, norms, biases and lm_head in 16-bit."""
-
-
 @dataclass(frozen=True)
 class MethodEstimate:
     method: str
@@ -46,13 +39,16 @@ class MethodEstimate:
     bits_per_weight: float
     """Estimated storage bits per block linear weight, scales and zeros included."""
     weight_bytes: int
+    """On the estimate's device: on CPU the tensors a method leaves unquantized stay fp32."""
+    gpu_weight_bytes: int
+    """On a GPU (16-bit compute): what the `fits` columns use."""
     fits: dict[str, bool]
-    """GPU name -> whether `runtime_bytes` fits its memory."""
+    """GPU name -> whether the GPU runtime (gpu_weight_bytes x RUNTIME_FACTOR) fits its memory."""
 
     @property
     def runtime_bytes(self) -> int:
-        """Weights x RUNTIME_FACTOR: a rule of thumb for activations and CUDA overhead."""
-        return int(self.weight_bytes * RUNTIME_FACTOR)
+        """GPU weights x RUNTIME_FACTOR: a rule of thumb for activations and CUDA overhead."""
+        return int(self.gpu_weight_bytes * RUNTIME_FACTOR)
 
 
 @dataclass(frozen=True)
@@ -63,34 +59,34 @@ class Estimate:
     linear_params: int
     """Weights of the block linear layers: what quantization methods compress."""
     other_params: int
-    """Embeddings, norms, biases and lm_head: kept in 16-bit by quantized methods."""
+    """Embeddings, norms, biases and lm_head: kept at the compute dtype by quantized methods."""
+    device: str
+    """The device `weight_bytes` is estimated for."""
     rows: list[MethodEstimate]
     gpus: dict[str, int]
     """GPU name -> memory in bytes."""
 
 
-def estimate(source: ModelSource, gpu_memory_bytes: int | None = None) -> Estimate:
+def estimate(source: ModelSource, gpu_memory_bytes: int | None = None, device: str = "cuda") -> Estimate:
     """Estimate each registered method's weight memory (default parameters) and where it fits.
 
+    `device` is where `weight_bytes` is meant (the `fits` columns are always for GPUs).
     `gpu_memory_bytes` adds a "your GPU" column; without it the attached CUDA GPU, if any, is added.
     """
     from .methods import REGISTRY
 
     total, linear = count_params(empty_model(source))
     gpus = {**GPUS, **target_gpu(gpu_memory_bytes)}
-    rows = [method_estimate(method, total, linear, gpus) for method in REGISTRY.values()]
-    return Estimate(source.label, total, linear, total - linear, rows, gpus)
+    rows = [method_estimate(method, total, linear, gpus, device) for method in REGISTRY.values()]
+    return Estimate(source.label, total, linear, total - linear, device, rows, gpus)
 
 
 def count_params(model) -> tuple[int, int]:
     """(all parameters, block linear weights), each tensor once; the output head is not a block linear."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
+    from .models import block_linears
 
     model.tie_weights()  # accelerate's init_empty_weights leaves tied embeddings as two meta tensors
-    head = model.get_output_embeddings()
-    linear = {id(module.weight): module.weight.numel() for module in model.modules()
-              if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head}
+    linear = {id(module.weight): module.weight.numel() for _, module in block_linears(model)}
     unique = {id(p): p.numel() for p in model.parameters()}
     return sum(unique.values()), sum(linear.values())
 
@@ -108,57 +104,35 @@ def target_gpu(gpu_memory_bytes: int | None) -> dict[str, int]:
     return {f"this GPU ({torch.cuda.get_device_name(0)})": torch.cuda.get_device_properties(0).total_memory}
 
 
-def method_estimate(method, total_params: int, linear_params: int, gpus: dict[str, int]) -> MethodEstimate:
-    """Baselines store every tensor at their own width; quantized methods compress the block linears only."""
-    params = method.resolve_params()
-    bits = method.bits_for(params)
-    if method.family == "baseline":
-        bpw, other_bits = float(bits), bits
-    else:
-        bpw, other_bits = bits_per_weight(method.family, bits, params), NON_LINEAR_BITS
-    weight_bytes = round((linear_params * bpw + (total_params - linear_params) * other_bits) / 8)
-    fits = {name: weight_bytes * RUNTIME_FACTOR <= memory for name, memory in gpus.items()}
-    return MethodEstimate(method.name, bits, bpw, weight_bytes, fits)
+def method_estimate(method, total_params: int, linear_params: int, gpus: dict[str, int], device: str = "cuda",
+                    params: dict | None = None) -> MethodEstimate:
+    """Block linears at the method's storage bits, everything else at the bits it keeps them in
+    (both from the method's own declaration, `Method.storage_bits`)."""
+    params = params if params is not None else method.resolve_params()
 
+    def weight_bytes(where: str) -> tuple[float, int]:
+        linear_bits, other_bits = method.storage_bits(params, where)
+        return linear_bits, round((linear_params * linear_bits + (total_params - linear_params) * other_bits) / 8)
 
-def bits_per_weight(family: str, bits: int, params: dict) -> float:
-    """Estimated storage bits per linear weight: the quantized value plus its share of scales and zeros.
-
-    bitsandbytes 4-bit: blocks of 64 with an fp32 absmax (+0.5), or with double quant an
-    8-bit absmax re-scaled per 256 blocks (+0.127). GPTQ/AWQ: an fp16 scale and a packed
-    `bits`-wide zero point per group. HQQ, quanto int4/int2 (groups of 128) and torchao
-    int4: a 16-bit scale and a 16-bit zero per group. 8-bit formats: one scale per row.
-    A family not listed here is assumed to keep a 16-bit scale and zero per 64 weights.
-    """
-    if family == "bitsandbytes":
-        if bits == 8:
-            return bits + PER_ROW_BITS
-        return bits + (8 / 64 + 32 / (64 * 256) if params["double_quant"] else 32 / 64)
-    if family in ("gptq", "awq"):
-        return bits + per_group(params["group_size"], 16 + bits)
-    if family == "quanto":
-        return bits + per_group(128 if bits < 8 else -1, 32)
-    if family in ("hqq", "torchao"):
-        return bits + per_group(params.get("group_size", -1), 32)
-    return bits + per_group(64, 32)
-
-
-def per_group(group_size: int, overhead_bits: int) -> float:
-    """Bits per weight that a group's scale/zero costs; group_size <= 0 means one per row."""
-    return overhead_bits / group_size if group_size > 0 else PER_ROW_BITS
+    bpw, here = weight_bytes(device)
+    gpu = weight_bytes("cuda")[1]
+    fits = {name: gpu * RUNTIME_FACTOR <= memory for name, memory in gpus.items()}
+    return MethodEstimate(method.name, method.bits_for(params), bpw, here, gpu, fits)
 
 
 def format_estimate(est: Estimate) -> str:
     """A fixed-width text table, one row per method, one yes/no column per GPU, then footnotes."""
+    here = f"weight MB ({est.device})"
     rows = [{
         "method": r.method,
         "bits": str(r.bits),
         "bits/weight": f"{r.bits_per_weight:.2f}",
-        "weight MB": f"{r.weight_bytes / MB:,.0f}",
-        "runtime MB": f"{r.runtime_bytes / MB:,.0f}",
+        here: f"{r.weight_bytes / MB:,.0f}",
+        "GPU weight MB": f"{r.gpu_weight_bytes / MB:,.0f}",
+        "GPU runtime MB": f"{r.runtime_bytes / MB:,.0f}",
         **{gpu: "yes" if fit else "no" for gpu, fit in r.fits.items()},
     } for r in est.rows]
-    columns = ["method", "bits", "bits/weight", "weight MB", "runtime MB", *est.gpus]
+    columns = ["method", "bits", "bits/weight", here, "GPU weight MB", "GPU runtime MB", *est.gpus]
     widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns}
     header = {c: c for c in columns}
     rule = {c: "-" * widths[c] for c in columns}
@@ -171,8 +145,9 @@ def footnotes(est: Estimate) -> list[str]:
     return [
         f"{est.model}: {est.total_params:,} parameters ({est.linear_params:,} in block linear layers, "
         f"{est.other_params:,} in embeddings, norms, biases and lm_head; tied weights counted once).",
-        "Weight MB: estimated from the config (no weights read), methods at their default parameters; "
-        "quantized methods keep the non-linear parameters in 16-bit.",
+        "Weight MB: estimated from the config (no weights read), methods at their default parameters. Quantized "
+        "methods keep embeddings, norms and lm_head at the compute dtype: 16-bit on a GPU, fp32 on a CPU (that is "
+        "why the CPU column is larger, and what a comparison on a CPU measures).",
         f"Fits: runtime MB = weight MB x {RUNTIME_FACTOR}, a rule of thumb for activations and CUDA context, "
         f"compared with the GPU's memory ({gpus}). Long contexts or large batches need more.",
     ]

@@ -10,10 +10,34 @@ because perplexities measured under different protocols are not comparable.
 
 from __future__ import annotations
 
+import math
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
+
+from .errors import WorkbenchError
+
+MIN_DECODE_TOKENS = 8
+"""Fewer new tokens than this and the decode time is mostly timer noise (1 token gave 1e9 tok/s)."""
+MIN_DECODE_SECONDS = 0.5
+MIN_DECODE_REPEATS = 3
+MAX_DECODE_REPEATS = 20
+
+
+def nll_sum(logits, labels) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) and the number of tokens scored.
+
+    `logits[:, t]` predicts token `t + 1`, so both are shifted; positions labelled -100 are
+    not scored; log-probabilities are taken in fp32 whatever the model's dtype. The one
+    scoring kernel of the workbench: perplexity and fine-tuning's held-out loss both use it."""
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    return total.item(), int((targets != -100).sum())
 
 
 @dataclass(frozen=True)
@@ -56,14 +80,15 @@ def windows(n: int, max_length: int, stride: int, bos: bool) -> tuple[list[tuple
 
 def perplexity(model, token_ids: list[int], max_length: int, stride: int, batch_size: int = 4,
                bos_token_id: int | None = None, progress: Callable[[int, int], None] | None = None) -> Perplexity:
-    """Sliding-window perplexity of `model` on `token_ids`, batched over equal-length windows."""
+    """Sliding-window perplexity of `model` on `token_ids`, batched over equal-length windows.
+
+    A non-finite result (a model that overflows or collapsed to NaN) is an error, never a number."""
     import torch
-    import torch.nn.functional as F
 
     bos = bos_token_id is not None
     spans, step = windows(len(token_ids), max_length, stride, bos)
     device = next(model.parameters()).device
-    nll_sum, n_scored, done = 0.0, 0, 0
+    total, n_scored, done = 0.0, 0, 0
     for batch in _equal_length_batches(spans, batch_size):
         rows, labels = [], []
         for begin, end, first in batch:
@@ -75,20 +100,17 @@ def perplexity(model, token_ids: list[int], max_length: int, stride: int, batch_
             rows.append(ids)
             labels.append(label)
         inputs = torch.tensor(rows, device=device)
-        targets = torch.tensor(labels, device=device)
         with torch.no_grad():  # not inference_mode: quanto's kernels fail under it
             logits = model(input_ids=inputs).logits
-        # logits[:, t] predicts token t+1: shift, and score in fp32 whatever the model dtype.
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1),
-                              ignore_index=-100, reduction="sum")
-        nll_sum += nll.item()
-        n_scored += int((targets[:, 1:] != -100).sum())
-        done += len(batch)
+        nll, count = nll_sum(logits, torch.tensor(labels, device=device))
+        total, n_scored, done = total + nll, n_scored + count, done + len(batch)
         if progress:
             progress(done, len(spans))
-    import math
-
-    return Perplexity(math.exp(nll_sum / n_scored), nll_sum, n_scored, len(spans), max_length, step, bos)
+    ppl = math.exp(total / n_scored) if math.isfinite(total) and total / n_scored < 700 else math.inf
+    if not math.isfinite(ppl):
+        raise WorkbenchError(f"perplexity is not finite (mean NLL {total / n_scored:.4g} nats over {n_scored} tokens): "
+                             "the quantized model's outputs overflowed or collapsed, so there is no number to report.")
+    return Perplexity(ppl, total, n_scored, len(spans), max_length, step, bos)
 
 
 def _equal_length_batches(spans, batch_size):
@@ -113,6 +135,17 @@ def expects_bos(tokenizer) -> int | None:
 
 # ---------------------------------------------------------------------------- storage
 
+@dataclass(frozen=True)
+class Storage:
+    """What a model stores, counted right after quantizing or loading, before any forward
+    pass (bitsandbytes repacks 4-bit weights for CPU inference on the first one)."""
+
+    weight_bytes: int
+    bits_per_weight: float | None
+    """Mean stored bits per block-linear weight (scales, zeros and adapters included)."""
+    kernel: str
+
+
 def _leaf_tensors(tensor) -> Iterable:
     """Plain tensors behind a tensor subclass (quanto, torchao) or the tensor itself."""
     import torch
@@ -126,30 +159,15 @@ def _leaf_tensors(tensor) -> Iterable:
         yield tensor
 
 
-def _side_tensors(module) -> Iterable:
-    """Quantization state kept outside parameters/buffers: bitsandbytes, HQQ."""
-    import torch
-
-    weight = getattr(module, "weight", None)
-    state = getattr(weight, "quant_state", None)
-    while state is not None:  # bnb 4-bit; double quantization nests a second state
-        yield from (v for v in vars(state).values() if isinstance(v, torch.Tensor))
-        state = getattr(state, "state2", None)
-    scb = getattr(weight, "SCB", None)  # bnb 8-bit row scales
-    if isinstance(scb, torch.Tensor):
-        yield scb
-    meta = getattr(module, "meta", None)  # HQQ scales and zeros
-    if isinstance(meta, dict):
-        yield from (v for v in meta.values() if isinstance(v, torch.Tensor))
-
-
-def _module_tensors(module, recurse: bool, skip_bias: bool = False) -> Iterable:
-    for name, tensor in list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse)):
-        if skip_bias and name == "bias":
+def _module_tensors(module, side_tensors, skip_bias: bool = False) -> Iterable:
+    """Every tensor a module holds, its sub-modules included, and the method's side tensors."""
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if skip_bias and name.rsplit(".", 1)[-1] == "bias":
             continue
         yield from _leaf_tensors(tensor)
-    for sub in module.modules() if recurse else [module]:
-        yield from _side_tensors(sub)
+    if side_tensors is not None:
+        for sub in module.modules():
+            yield from side_tensors(sub)
 
 
 def _unique_bytes(tensors: Iterable) -> int:
@@ -164,41 +182,47 @@ def _unique_bytes(tensors: Iterable) -> int:
     return total
 
 
-def weight_bytes(model) -> int:
-    """Bytes of the storage tensors the model really holds (not `get_memory_footprint()`,
-    which reports fp32 sizes for quanto and torchao)."""
-    return _unique_bytes(_module_tensors(model, recurse=True))
+def storage(model, side_tensors=None) -> Storage:
+    """Bytes of the tensors the model really holds (not `get_memory_footprint()`, which
+    reports fp32 sizes for quanto and torchao), and bits per block-linear weight."""
+    from .models import block_linears
 
-
-def linear_bits_per_weight(model) -> float | None:
-    """Mean storage bits per weight over the linear layers of the blocks (lm_head excluded),
-    scales and zero points included."""
-    bits, weights = 0, 0
-    for name, module in model.named_modules():
-        rows, cols = getattr(module, "out_features", None), getattr(module, "in_features", None)
-        if name.endswith("lm_head") or not (isinstance(rows, int) and isinstance(cols, int)):
-            continue
-        bits += 8 * _unique_bytes(_module_tensors(module, recurse=False, skip_bias=True))
-        weights += rows * cols
-    return bits / weights if weights else None
-
-
-def kernel_name(model) -> str:
-    """The class of the first block linear layer: which kernel does the matmuls."""
-    for name, module in model.named_modules():
-        if isinstance(getattr(module, "in_features", None), int) and "lm_head" not in name:
-            return type(module).__name__
-    return ""
+    layers = block_linears(model)
+    bits = sum(8 * _unique_bytes(_module_tensors(m, side_tensors, skip_bias=True)) for _, m in layers)
+    weights = sum(m.out_features * m.in_features for _, m in layers)
+    kernel = type(layers[0][1]).__name__ if layers else ""
+    return Storage(_unique_bytes(_module_tensors(model, side_tensors)), bits / weights if weights else None, kernel)
 
 
 # ---------------------------------------------------------------------------- memory
 
-class PeakMemory:
-    """Peak memory over a block: CUDA max allocated on GPU, sampled process RSS on CPU."""
+def rss_bytes() -> int:
+    import psutil
 
-    def __init__(self, device: str):
-        self.device, self.peak_bytes, self.reserved_bytes = device, 0, None
-        self.kind = "cuda max allocated" if device == "cuda" else "process peak RSS"
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's record of this process's peak resident memory (exact, no sampling)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max allocated (and reserved) on GPU; on CPU the peak
+    RSS, sampled every 10 ms (and, in a fresh worker process, the kernel's exact peak)."""
+
+    def __init__(self, device: str, whole_process: bool = False):
+        self.device, self.whole_process = device, whole_process
+        self.peak_bytes, self.reserved_bytes, self.baseline_bytes = 0, None, 0
+        self.kind = "cuda max allocated" if device == "cuda" else "peak RSS"
+
+    @property
+    def above_baseline_bytes(self) -> int:
+        return max(self.peak_bytes - self.baseline_bytes, 0)
 
     def __enter__(self):
         if self.device == "cuda":
@@ -206,18 +230,17 @@ class PeakMemory:
 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.baseline_bytes = torch.cuda.memory_allocated()
         else:
-            import psutil
-
-            self._process, self._stop = psutil.Process(), threading.Event()
-            self.peak_bytes = self._process.memory_info().rss
+            self.baseline_bytes = self.peak_bytes = rss_bytes()
+            self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def _sample(self):
         while not self._stop.wait(0.01):
-            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+            self.peak_bytes = max(self.peak_bytes, rss_bytes())
 
     def __exit__(self, *exc):
         if self.device == "cuda":
@@ -229,7 +252,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+            self.peak_bytes = max(self.peak_bytes, rss_bytes(), peak_rss_bytes() if self.whole_process else 0)
         return False
 
 
@@ -238,33 +261,58 @@ class PeakMemory:
 @dataclass(frozen=True)
 class Speed:
     prefill_ms: float
-    """Time to the first new token for the prompt (one forward pass + sampling)."""
+    """Time to the first new token for the prompt (one forward pass + sampling), median."""
     decode_tokens_per_s: float
-    """New tokens per second after the first, greedy, KV cache on, batch 1."""
+    """New tokens per second after the first, greedy, KV cache on, batch 1: the median repetition."""
+    decode_spread: float
+    """max / min decode rate over the repetitions (1.0 = perfectly steady)."""
+    repeats: int
     prompt_tokens: int
     new_tokens: int
 
 
 def decode_speed(model, prompt_ids: list[int], new_tokens: int, pad_token_id: int) -> Speed:
-    """Greedy `generate` with the KV cache: prefill latency and decode throughput."""
+    """Greedy `generate` with the KV cache, repeated until at least MIN_DECODE_SECONDS of
+    decoding and MIN_DECODE_REPEATS runs are measured; each token's arrival is timed
+    inside the one `generate` call, so prefill and decode come from the same run."""
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
+    if new_tokens < MIN_DECODE_TOKENS:
+        raise WorkbenchError(f"decode tokens: {new_tokens} is too few to time; use at least {MIN_DECODE_TOKENS} (or 0 to skip the speed measurement).")
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], device=device)
 
-    def timed(n: int) -> float:
+    class Arrivals(StoppingCriteria):
+        """Called once per generated token: records when each one is ready."""
+
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def run(n: int) -> tuple[float, float]:
+        arrivals = Arrivals()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, use_cache=True, pad_token_id=pad_token_id)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+                           do_sample=False, use_cache=True, pad_token_id=pad_token_id,
+                           stopping_criteria=StoppingCriteriaList([arrivals]))
+        first, last = arrivals.times[0], arrivals.times[-1]
+        return first - start, last - first
 
-    timed(2)  # warm-up: first calls build kernels and caches
-    first = timed(1)
-    full = timed(new_tokens + 1)
-    per_token = max(full - first, 1e-9) / new_tokens
-    return Speed(first * 1000, 1 / per_token, len(prompt_ids), new_tokens)
+    run(2)  # warm-up: first calls build kernels and caches
+    prefill, decode = [], []
+    while len(decode) < MAX_DECODE_REPEATS and (len(decode) < MIN_DECODE_REPEATS or sum(decode) < MIN_DECODE_SECONDS):
+        first, rest = run(new_tokens + 1)
+        prefill.append(first)
+        decode.append(rest)
+    rates = [new_tokens / max(seconds, 1e-9) for seconds in decode]
+    return Speed(statistics.median(prefill) * 1000, statistics.median(rates), max(rates) / min(rates), len(rates),
+                 len(prompt_ids), new_tokens)

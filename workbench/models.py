@@ -71,7 +71,7 @@ def resolve(name: str, token: str | None = None, log=print) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise WorkbenchError(f"model {name!r}: this folder has no config.json, so it is not a transformers model folder. Point to the folder that save_pretrained wrote, or to a .gguf file.")
-        return ModelSource(path.name, str(path))
+        return ModelSource(path.name, str(path.resolve()))
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise WorkbenchError(f"model {name!r}: no such model folder. Give an existing folder, a .gguf file, a hub id like 'facebook/opt-125m', or 'bundled'.")
     return _hub_source(name, token)
@@ -122,29 +122,49 @@ def gguf_to_folder(gguf: Path, folder: Path, log=print) -> Path:
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.location, token=source.token)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, token=source.token, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(source: ModelSource, device: str, dtype=None, quantization_config=None):
-    """Load weights with transformers; `dtype` None means fp32 on CPU and bf16/fp16 on GPU."""
+    """Load weights with transformers; `dtype` None means fp32 on CPU and bf16/fp16 on GPU.
+
+    A checkpoint whose tensors do not match the model (missing, unexpected or of the wrong
+    shape) is refused: transformers would fill the gaps with random weights and the numbers
+    measured on it would mean nothing."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype or compute_dtype(device), "device_map": {"": device}, "token": source.token}
+    kwargs = {"dtype": dtype or compute_dtype(device), "device_map": {"": device}, "token": source.token,
+              "trust_remote_code": False, "output_loading_info": True}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except torch.OutOfMemoryError:
         raise WorkbenchError(f"model {source.label!r}: out of GPU memory while loading. Pick a smaller model or a lower-bit method (see `python -m workbench estimate`).") from None
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise WorkbenchError(f"model {source.label!r}: not a causal language model ({str(exc).splitlines()[0][:200]}).") from None
         raise
+    check_loading_info(source, info)
     return model.eval()
+
+
+def check_loading_info(source: ModelSource, info: dict) -> None:
+    """Raise, naming the tensors, when loading left weights missing, unused or mismatched."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            problems.append(f"{len(names)} {kind.replace('_keys', '').replace('_', ' ')}: {shown}")
+    if problems:
+        raise WorkbenchError(f"model {source.label!r}: the checkpoint does not match the model ({'; '.join(problems)}). "
+                             "Its weights would be initialised at random, so nothing measured on it would mean anything; "
+                             "check that the files are complete and belong to this config.")
 
 
 def compute_dtype(device: str):
@@ -161,7 +181,7 @@ def empty_model(source: ModelSource):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source.location, token=source.token)
+    config = AutoConfig.from_pretrained(source.location, token=source.token, trust_remote_code=False)
     config_dict = config.to_dict()
     if "quantization_config" in config_dict:  # a pre-quantized checkpoint: size it as its base model
         del config_dict["quantization_config"]
@@ -172,8 +192,68 @@ def empty_model(source: ModelSource):
 
 def linear_input_widths(source: ModelSource) -> dict[str, int]:
     """Input width of every linear layer in the blocks (lm_head excluded), by module name."""
-    import torch
+    return {name: module.in_features for name, module in block_linears(empty_model(source))}
 
-    model = empty_model(source)
-    return {name: module.in_features for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
+
+def check_causal_lm(source: ModelSource):
+    """The model's config, refused before any work when it is not a causal language model.
+
+    BERT-like models load through `AutoModelForCausalLM` too (as `...LMHeadModel` decoders
+    with a warning), so the check reads the architectures the checkpoint was saved as."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(source.location, token=source.token, trust_remote_code=False)
+    except ValueError as exc:
+        raise WorkbenchError(f"model {source.label!r}: transformers cannot read its config ({str(exc).splitlines()[0][:200]}).") from None
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_encoder_decoder", False) or (architectures and not causal & set(architectures)) \
+            or (not architectures and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        what = ", ".join(architectures) or config.model_type
+        raise WorkbenchError(f"model {source.label!r}: {what} is not a causal (decoder-only) language model; the workbench "
+                             "measures next-token perplexity, which needs one (e.g. Llama, Qwen, OPT, GPT-2).")
+    return config
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for, from whichever field its config uses."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fingerprint(source: ModelSource) -> str:
+    """Identity of a model's content: its config and every weight file's name, size and mtime
+    (local folders), or the hub id (remote). Two folders with the same name but other
+    weights get different fingerprints."""
+    if not source.is_local:
+        return "hub:" + source.location
+    folder = Path(source.location)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for file in sorted(folder.iterdir()):
+        if file.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def block_linears(model) -> list[tuple[str, object]]:
+    """The linear layers inside the blocks: what quantization methods compress and LoRA adapts.
+
+    One definition for every caller (storage counting, kernel name, LoRA targets, estimates,
+    group-size checks). A layer is any module with integer `in_features`/`out_features`
+    (so bitsandbytes, GPTQ, HQQ, quanto and torchao linears count); the output head is not
+    a block layer; for a PEFT-wrapped layer the wrapper is the layer and its `base_layer`
+    and `lora_*` sub-modules are not counted again."""
+    layers = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if any(p == "base_layer" or p.startswith("lora_") for p in parts) or len(parts) < 2 or parts[-1] == "lm_head":
+            continue
+        if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
+            layers.append((name, module))
+    return layers

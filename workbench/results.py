@@ -17,42 +17,82 @@ from pathlib import Path
 MB = 1024 * 1024
 
 
+SCHEMA = 2
+"""Version of the record layout; records of another version are skipped when reading history."""
+
+IDENTITY_PROTOCOL = ("text", "text_sha", "eval_tokens", "max_length", "stride", "bos", "batch_size", "decode_tokens")
+"""The protocol settings that are part of a result's identity (everything that changes a number)."""
+
+
 @dataclass(frozen=True)
 class Result:
     model: str
+    """Display name of the model; its identity is `model_fingerprint`."""
     method: str
-    """Display label: the method name plus non-default parameters."""
+    """Registry name of the method (identity); `label` is for people."""
     family: str
     bits: int
     params: dict
     device: str
+    label: str = ""
+    """Display label: the method name plus non-default parameters (and +lora for an adapter)."""
+    adapter: str | None = None
+    """A LoRA adapter folder attached to the quantized base, if any."""
+    model_fingerprint: str = ""
+    backend: str = ""
+    """The library and version that did the work."""
+    mode: str = ""
+    """Where it was measured: `worker` (a fresh process for this method) or `in-process`."""
     ppl: float | None = None
     weight_bytes: int | None = None
+    """Bytes of the stored tensors, counted before any forward pass."""
     bits_per_weight: float | None = None
-    """Mean storage bits per weight of the block linears (scales and zeros included)."""
+    """Mean storage bits per weight of the block linears (scales, zeros and adapters included)."""
     peak_bytes: int | None = None
+    """CUDA max allocated on GPU; on CPU the peak RSS of the process that measured it."""
+    peak_above_baseline_bytes: int | None = None
+    """Peak minus what that process held before loading the model (imports, tokenizer, text):
+    what the method itself needed. The table shows this one."""
+    peak_reserved_bytes: int | None = None
+    """CUDA max reserved (GPU only)."""
     peak_kind: str = ""
-    """What `peak_bytes` measures: CUDA max allocated, or the process peak RSS on CPU."""
     load_s: float | None = None
     """Seconds to load and quantize (calibration included)."""
     eval_s: float | None = None
     prefill_ms: float | None = None
     decode_tokens_per_s: float | None = None
+    """Median over repetitions (at least 3, and at least 0.5 s of decoding)."""
+    decode_spread: float | None = None
+    """max / min decode rate over the repetitions."""
+    decode_repeats: int | None = None
     kernel: str = ""
     protocol: dict = field(default_factory=dict)
-    """Perplexity protocol: text, max_length, stride, n_tokens, n_windows, bos."""
+    """Perplexity protocol: text (and its hash), max_length, stride, n_tokens, n_windows, bos, batch and decode settings."""
     calibration: dict | None = None
     environment: dict = field(default_factory=dict)
     model_note: str = ""
     error: str | None = None
     timestamp: str = ""
+    reused_from: str | None = None
+    """Set when this row was taken from the history instead of measured again: the original timestamp."""
+    schema: int = SCHEMA
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", self.method)
 
     @property
     def ms_per_token(self) -> float | None:
         return 1000 / self.decode_tokens_per_s if self.decode_tokens_per_s else None
 
+    def identity(self) -> dict:
+        """Same identity = the same model content, text, method, settings, protocol and backend."""
+        return {"model": self.model_fingerprint, "method": self.method, "params": self.params, "adapter": self.adapter,
+                "device": self.device, "backend": self.backend,
+                "protocol": {k: self.protocol.get(k) for k in IDENTITY_PROTOCOL}}
+
     def key(self) -> str:
-        return config_key(self.model, self.method, self.params, self.device, self.protocol)
+        return json.dumps(self.identity(), sort_keys=True)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ms_per_token": self.ms_per_token}
@@ -63,28 +103,40 @@ class Result:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def config_key(model: str, method: str, params: dict, device: str, protocol: dict) -> str:
-    """Identity of an experiment: the same key means the same model, method, settings and protocol."""
-    measured = {k: protocol.get(k) for k in ("text", "eval_tokens", "max_length", "stride", "bos")}
-    return json.dumps([model, method, params, device, measured], sort_keys=True)
-
-
 def append_history(results: list[Result], path: Path) -> None:
+    """One line per record, each written with a single flushed append: a crash leaves the whole line or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as out:
         for result in results:
-            out.write(json.dumps(result.to_dict()) + "\n")
+            out.write(json.dumps(result.to_dict(), allow_nan=False) + "\n")
+            out.flush()
 
 
-def read_history(path: Path) -> list[Result]:
+def read_history(path: Path, log=None) -> list[Result]:
+    """The records of a history file. Lines that cannot be used (cut short, not JSON, another
+    schema) are skipped, never rewritten; `log` is told how many and which."""
     if not path.is_file():
         return []
-    return [Result.from_dict(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records, skipped = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+                raise ValueError("another schema")
+            records.append(Result.from_dict(data))
+        except (ValueError, TypeError):
+            skipped.append(number)
+    if skipped and log:
+        shown = ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else "")
+        log(f"history {path}: skipped {len(skipped)} line(s) that could not be used (line {shown}); they are left as they are.")
+    return records
 
 
 def baseline_of(results: list[Result]) -> Result | None:
-    """The successful unquantized run with the most bits (fp32 when it was run) is the reference."""
-    done = [r for r in results if r.error is None and r.ppl is not None and r.family == "baseline"]
+    """The successful unquantized run (16 bits or more) with the most bits, fp32 when it was run, is the reference."""
+    done = [r for r in results if r.error is None and r.ppl is not None and r.bits >= 16 and not r.adapter]
     return max(done, key=lambda r: r.bits, default=None)
 
 
@@ -101,18 +153,20 @@ def table_rows(results: list[Result]) -> list[dict]:
     for r in results:
         delta = delta_ppl_pct(r, base)
         rows.append({
-            "method": r.method,
+            "method": r.label,
             "bits": r.bits,
             "group size": r.params.get("group_size", ""),
             "kernel": r.kernel,
             "load s": _round(r.load_s, 1),
             "ms/token": _round(r.ms_per_token, 1),
             "tok/s": _round(r.decode_tokens_per_s, 1),
-            "peak MB": _round(r.peak_bytes / MB if r.peak_bytes else None, 0),
+            "tok/s spread": "" if r.decode_spread is None else f"x{r.decode_spread:.2f}",
+            "peak MB": _round(r.peak_above_baseline_bytes / MB if r.peak_above_baseline_bytes else None, 0),
             "weight MB": _round(r.weight_bytes / MB if r.weight_bytes else None, 1),
             "bits/weight": _round(r.bits_per_weight, 2),
             "perplexity": _round(r.ppl, 2),
             "Δ ppl %": "" if delta is None else f"{delta:+.1f}",
+            "run in": r.mode + (f", reused from {r.reused_from}" if r.reused_from else ""),
             "error": r.error or "",
         })
     return rows
@@ -145,8 +199,12 @@ def footnotes(results: list[Result]) -> list[str]:
         p, first = done[0].protocol, done[0]
         notes.append(f"Perplexity: {p.get('text')}, {p.get('n_tokens')} tokens scored, windows of {p.get('max_length')} "
                      f"tokens, step {p.get('stride')}, BOS at each window: {p.get('bos')}. Lower is better.")
-        notes.append(f"Peak MB: {first.peak_kind} during load + evaluation. Weight MB: bytes of the stored tensors "
-                     "(scales and zeros included). tok/s: greedy decode, batch 1, KV cache on.")
+        notes.append(f"Peak MB: {first.peak_kind} during load + evaluation, above what the measuring process held before "
+                     "loading the model (imports, tokenizer, text); both numbers are in the JSON. 'run in: worker' = a fresh "
+                     "process per method, so earlier methods cannot inflate it. Weight MB: bytes of the stored tensors "
+                     "(scales and zeros included), counted before the first forward pass.")
+        notes.append(f"tok/s: greedy decode, batch 1, KV cache on, {p.get('decode_tokens')} new tokens; median of at least "
+                     "3 repetitions and 0.5 s of decoding; spread = fastest / slowest repetition.")
         if first.model_note:
             notes.append(f"Model: {first.model_note}.")
         base = baseline_of(results)
@@ -156,7 +214,7 @@ def footnotes(results: list[Result]) -> list[str]:
 
 
 def write_json(results: list[Result], path: Path) -> None:
-    path.write_text(json.dumps([r.to_dict() for r in results], indent=2), encoding="utf-8")
+    path.write_text(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False), encoding="utf-8")
 
 
 def write_csv(results: list[Result], path: Path) -> None:

@@ -1,27 +1,37 @@
-"""Run one method, or compare several, on one model: quantize, measure, record.
+"""The runner's two verbs, `build` and `measure`, and what every surface composes from them.
 
-This is the core call every surface makes. A failing method never stops a
-comparison: its error is recorded in the result's `error` field and the next one runs.
+- `build(session, choice) -> Built`: parse and check the choice, calibrate, quantize (or
+  load), attach a saved adapter when asked, count the storage before any forward pass;
+  the model's working folder is removed by `Built.close()`.
+- `measure(session, built) -> Measurements`: perplexity and decode speed.
+
+`evaluate` is the one composition that turns a choice into a `Result` (peak memory around
+both verbs; a method's own failure becomes an error row, never an exception). Where it runs
+is the executors' business (`workbench.executors`: in this process, or in a fresh worker
+process per method, the default). CLI compare, the panels and fine-tuning all go through here.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import platform
 import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from . import data, measure, methods, models
+from . import data, methods, models
+from . import measure as measuring
 from .config import EvalConfig, ModelSpec
 from .errors import WorkbenchError
-from .results import Result, config_key
+from .methods import Choice
+from .results import Result
 
 SPEED_PROMPT = "Quantization stores the weights of a neural network with fewer bits, so that"
 SEED = 0
@@ -31,126 +41,292 @@ SEED = 0
 class Session:
     """What every method in a comparison shares: the model source, tokenizer and evaluation tokens."""
 
-    spec: ModelSpec
-    device: str
     source: models.ModelSource
+    device: str
     tokenizer: object
     eval_text: data.Text
     eval_ids: list[int]
     bos_id: int | None
     eval: EvalConfig
+    fingerprint: str
+    """The model's content identity (`models.fingerprint`)."""
+    text_sha: str
+    """sha256 of the evaluation text: two files with one name are two texts."""
 
     @classmethod
     def open(cls, spec: ModelSpec, eval_cfg: EvalConfig, log: Callable[[str], None] = print) -> "Session":
-        device = spec.resolved_device()
-        source = models.resolve(spec.name, spec.token, log)
+        return cls.from_source(models.resolve(spec.name, spec.token, log), spec.resolved_device(), eval_cfg)
+
+    @classmethod
+    def from_source(cls, source: models.ModelSource, device: str, eval_cfg: EvalConfig = EvalConfig()) -> "Session":
+        """Check the model is a causal LM that takes the protocol's windows, then tokenize the text."""
+        config = models.check_causal_lm(source)
+        context = models.context_length(config)
+        if context is not None and eval_cfg.max_length > context:
+            raise WorkbenchError(f"max_length: {eval_cfg.max_length} tokens per window is beyond {source.label}'s context of "
+                                 f"{context} tokens; use --max-length {context} or less.")
         tokenizer = models.load_tokenizer(source)
         text = data.read_text_file(eval_cfg.text_path) if eval_cfg.text_path else data.builtin_eval_text()
         ids = data.eval_tokens(tokenizer, text, eval_cfg.max_tokens)
-        return cls(spec, device, source, tokenizer, text, ids, measure.expects_bos(tokenizer), eval_cfg)
+        return cls(source, device, tokenizer, text, ids, measuring.expects_bos(tokenizer), eval_cfg,
+                   models.fingerprint(source), hashlib.sha256(text.text.encode()).hexdigest()[:16])
 
     def planned_protocol(self) -> dict:
-        _, step = measure.windows(len(self.eval_ids), self.eval.max_length, self.eval.stride, self.bos_id is not None)
-        return {"text": self.eval_text.name, "eval_tokens": len(self.eval_ids), "max_length": self.eval.max_length,
-                "stride": step, "bos": self.bos_id is not None}
+        """Every setting that changes a measured number; results are reused only when all match."""
+        _, step = measuring.windows(len(self.eval_ids), self.eval.max_length, self.eval.stride, self.bos_id is not None)
+        return {"text": self.eval_text.name, "text_sha": self.text_sha, "eval_tokens": len(self.eval_ids),
+                "max_length": self.eval.max_length, "stride": step, "bos": self.bos_id is not None,
+                "batch_size": self.eval.batch_size, "decode_tokens": self.eval.decode_tokens}
 
 
-def environment(device: str, method: methods.Method) -> dict:
+def environment(device: str, method: methods.Method | None) -> dict:
     import torch
-
-    def version(package):
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     env = {"device_name": name, "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": version("transformers"), "seed": SEED}
-    if method.pip:
-        package = method.pip.split()[2].split("=")[0]
-        env[package] = version(package)
+           "transformers": _version("transformers"), "seed": SEED}
+    if method is not None and method.package:
+        env[method.package] = _version(method.package)
     return env
 
 
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def backend_of(method: methods.Method | None) -> str:
+    """The library (and version) that did the work: part of a result's identity."""
+    package = (method.package if method else None) or "transformers"
+    return f"{package} {_version(package)}"
+
+
+# ---------------------------------------------------------------------------- the two verbs
+
 @dataclass
-class Measured:
-    """A run's record, and the quantized model itself when the caller asked to keep it."""
+class Built:
+    """A quantized (or loaded) model ready to measure, with the folder it may live in."""
 
-    result: Result
-    model: object | None = None
-    workdir: Path | None = None
-    """Where a kept model's checkpoint lives (gptq/awq); the caller removes it with the model."""
+    choice: Choice
+    model: Any
+    workdir: Path
+    load_s: float
+    """Seconds to load and quantize (calibration included)."""
+    storage: measuring.Storage
+    """Counted before any forward pass."""
+
+    def close(self) -> None:
+        """Drop the model and its working folder, and give the memory back."""
+        self.model = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        free_memory()
+
+    def __enter__(self) -> "Built":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def run_method(session: Session, choice: str, log: Callable[[str], None] = print,
-               progress: Callable[[str, int, int], None] | None = None) -> Result:
-    """Quantize with one method (`name` or `name:key=value:...`) and measure it. Never raises for
-    a method's own failure: the result carries the message in `error`."""
-    return measure_method(session, choice, log, progress).result
+def as_choice(choice: Choice | str) -> Choice:
+    return choice if isinstance(choice, Choice) else methods.parse(choice)
 
 
-def measure_method(session: Session, choice: str, log: Callable[[str], None] = print,
-                   progress: Callable[[str, int, int], None] | None = None, keep_model: bool = False) -> Measured:
-    """`run_method`, optionally keeping the quantized model (panels reuse it for generation)."""
+def build(session: Session, choice: Choice | str, log: Callable[[str], None] = print) -> Built:
+    """Quantize (or load) the session's model with one method; raises `WorkbenchError` or the backend's error."""
     import torch
 
-    method, params, label = None, {}, choice
-    try:
-        method, params = methods.parse_choice(choice)
-        label = methods.label(method, params)
-    except WorkbenchError as exc:
-        return Measured(_failed(session, label, method, params, str(exc)))
+    choice = as_choice(choice)
+    method = choice.method
     reason = method.unavailable_reason(session.device)
     if reason:
-        return Measured(_failed(session, label, method, params, f"{method.name}: {reason}"))
-    log(f"[{label}] quantizing {session.source.label} on {session.device}...")
+        raise WorkbenchError(f"{method.name}: {reason}")
+    log(f"[{choice.label}] quantizing {session.source.label} on {session.device}...")
     torch.manual_seed(SEED)
-    workdir, model = Path(tempfile.mkdtemp(prefix="workbench-")), None
+    workdir = Path(tempfile.mkdtemp(prefix="workbench-"))
     try:
-        with measure.PeakMemory(session.device) as peak:
-            start = time.perf_counter()
-            model = _quantize(session, method, params, workdir, log)
-            load_s = time.perf_counter() - start
-            log(f"[{label}] quantized in {load_s:.1f} s; measuring perplexity on {len(session.eval_ids)} tokens...")
-            start = time.perf_counter()
-            ppl = measure.perplexity(model, session.eval_ids, session.eval.max_length, session.eval.stride,
-                                     session.eval.batch_size, session.bos_id,
-                                     progress=(lambda done, total: progress(label, done, total)) if progress else None)
-            eval_s = time.perf_counter() - start
-            speed = None
-            if session.eval.decode_tokens:
-                prompt = session.tokenizer(SPEED_PROMPT, add_special_tokens=True)["input_ids"]
-                speed = measure.decode_speed(model, prompt, session.eval.decode_tokens, session.tokenizer.pad_token_id)
-            sizes = (measure.weight_bytes(model), measure.linear_bits_per_weight(model), measure.kernel_name(model))
-    except Exception as exc:
-        model = None
+        start = time.perf_counter()
+        calibration = None
+        if method.needs_calibration:
+            calibration = data.calibration_blocks(session.tokenizer, choice.params["samples"], choice.params["block_tokens"])
+        model = method.quantize(methods.QuantizeRequest(session.source, choice.params, session.device, workdir, calibration, log))
+        if choice.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, choice.adapter).eval()
+        load_s = time.perf_counter() - start
+        storage = measuring.storage(model, method.side_tensors)
+    except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
-        free_memory()
-        return Measured(_failed(session, label, method, params, _error_message(exc, label, method, log)))
-    if not keep_model:
-        model = None
-        shutil.rmtree(workdir, ignore_errors=True)
-        free_memory()
+        raise
+    log(f"[{choice.label}] quantized in {load_s:.1f} s")
+    return Built(choice, model, workdir, load_s, storage)
+
+
+@dataclass(frozen=True)
+class Measurements:
+    perplexity: measuring.Perplexity
+    eval_s: float
+    speed: measuring.Speed | None
+
+
+def measure(session: Session, built: Built, log: Callable[[str], None] = print,
+                  progress: Callable[[str, int, int], None] | None = None) -> Measurements:
+    """Perplexity under the session's protocol, then decode speed (when asked for)."""
+    label = built.choice.label
+    log(f"[{label}] measuring perplexity on {len(session.eval_ids)} tokens...")
+    start = time.perf_counter()
+    ppl = measuring.perplexity(built.model, session.eval_ids, session.eval.max_length, session.eval.stride,
+                             session.eval.batch_size, session.bos_id,
+                             progress=(lambda done, total: progress(label, done, total)) if progress else None)
+    eval_s = time.perf_counter() - start
+    speed = None
+    if session.eval.decode_tokens:
+        prompt = session.tokenizer(SPEED_PROMPT, add_special_tokens=True)["input_ids"]
+        speed = measuring.decode_speed(built.model, prompt, session.eval.decode_tokens, session.tokenizer.pad_token_id)
     log(f"[{label}] perplexity {ppl.ppl:.2f} in {eval_s:.1f} s")
-    result = Result(
-        model=session.source.label, method=label, family=method.family, bits=method.bits_for(params), params=params,
-        device=session.device, ppl=ppl.ppl, weight_bytes=sizes[0], bits_per_weight=sizes[1], peak_bytes=peak.peak_bytes,
-        peak_kind=peak.kind, load_s=load_s, eval_s=eval_s,
+    return Measurements(ppl, eval_s, speed)
+
+
+# ---------------------------------------------------------------------------- composition
+
+@dataclass
+class Evaluated:
+    """A run's record, and the built model when the caller asked to keep it."""
+
+    result: Result
+    built: Built | None = None
+
+
+def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] = print,
+             progress: Callable[[str, int, int], None] | None = None, keep: bool = False,
+             mode: str = "in-process") -> Evaluated:
+    """build + measure one choice into a `Result`. Never raises for a method's own failure:
+    the result carries the message in `error`. `keep` returns the built model too (the
+    caller closes it); `mode` says where this ran (shown in the table)."""
+    try:
+        choice = as_choice(choice)
+    except WorkbenchError as exc:
+        return Evaluated(failed(session, str(choice), str(exc), mode=mode))
+    built = None
+    try:
+        with measuring.PeakMemory(session.device, whole_process=mode == "worker") as peak:
+            built = build(session, choice, log)
+            measured = measure(session, built, log, progress)
+    except Exception as exc:
+        if built is not None:
+            built.close()
+        return Evaluated(failed(session, choice, _error_message(exc, choice, log), mode=mode))
+    result = _result(session, built, measured, peak, mode)
+    if keep:
+        return Evaluated(result, built)
+    built.close()
+    return Evaluated(result)
+
+
+def run_method(session: Session, choice: Choice | str, log: Callable[[str], None] = print,
+               progress: Callable[[str, int, int], None] | None = None) -> Result:
+    """`evaluate` in this process, the result only."""
+    return evaluate(session, choice, log, progress).result
+
+
+def _result(session: Session, built: Built, measured: Measurements, peak: measuring.PeakMemory, mode: str) -> Result:
+    choice, speed = built.choice, measured.speed
+    return Result(
+        model=session.source.label, method=choice.method.name, label=choice.label, family=choice.method.family,
+        bits=choice.method.bits_for(choice.params), params=choice.params, adapter=choice.adapter, device=session.device,
+        model_fingerprint=session.fingerprint, backend=backend_of(choice.method), mode=mode,
+        ppl=measured.perplexity.ppl, weight_bytes=built.storage.weight_bytes, bits_per_weight=built.storage.bits_per_weight,
+        peak_bytes=peak.peak_bytes, peak_above_baseline_bytes=peak.above_baseline_bytes, peak_reserved_bytes=peak.reserved_bytes,
+        peak_kind=peak.kind, load_s=built.load_s, eval_s=measured.eval_s,
         prefill_ms=speed.prefill_ms if speed else None, decode_tokens_per_s=speed.decode_tokens_per_s if speed else None,
-        kernel=f"{method.kernel}: {sizes[2]}", protocol={**session.planned_protocol(), **ppl.protocol(session.eval_text.name)},
-        calibration=_calibration_record(method, params), environment=environment(session.device, method),
-        model_note=session.source.note, timestamp=_now(),
+        decode_spread=speed.decode_spread if speed else None, decode_repeats=speed.repeats if speed else None,
+        kernel=f"{choice.method.kernel}: {built.storage.kernel}",
+        protocol={**session.planned_protocol(), **measured.perplexity.protocol(session.eval_text.name)},
+        calibration=_calibration_record(choice), environment=environment(session.device, choice.method),
+        model_note=session.source.note, timestamp=now(),
     )
-    return Measured(result, model, workdir if keep_model else None)
 
 
-def _quantize(session: Session, method: methods.Method, params: dict, workdir: Path, log):
-    calibration = None
-    if method.needs_calibration:
-        calibration = data.calibration_blocks(session.tokenizer, params["samples"], params["block_tokens"])
-    return method.quantize(methods.QuantizeRequest(session.source, params, session.device, workdir, calibration, log))
+def failed(session: Session, choice: Choice | str, message: str, mode: str = "in-process") -> Result:
+    """An error row: the choice as far as it was understood, and the message."""
+    if isinstance(choice, Choice):
+        method, label, params, adapter = choice.method, choice.label, choice.params, choice.adapter
+    else:
+        method, label, params, adapter = None, choice, {}, None
+    return Result(model=session.source.label, method=method.name if method else label, label=label,
+                  family=method.family if method else "", bits=method.bits_for(params) if method else 0, params=params,
+                  adapter=adapter, device=session.device, model_fingerprint=session.fingerprint, backend=backend_of(method),
+                  mode=mode, protocol=session.planned_protocol(), error=message,
+                  environment=environment(session.device, method), model_note=session.source.note, timestamp=now())
 
+
+def planned_key(session: Session, choice: Choice) -> str:
+    """The identity a result of this choice in this session will have (see `Result.key`)."""
+    return failed(session, choice, "").key()
+
+
+def _error_message(exc: Exception, choice: Choice, log) -> str:
+    import torch
+
+    if isinstance(exc, WorkbenchError):
+        return str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"{choice.label}: out of GPU memory. Try a lower-bit method or a smaller model (`python -m workbench estimate`)."
+    log(traceback.format_exc())  # a library failed: keep the trace in the log, go on with the other methods
+    return f"{choice.label} failed inside {choice.method.backend or 'transformers'}: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _calibration_record(choice: Choice) -> dict | None:
+    if not choice.method.needs_calibration:
+        return None
+    return {"text": data.builtin_calibration_text().name, "samples": choice.params["samples"],
+            "block_tokens": choice.params["block_tokens"]}
+
+
+# ---------------------------------------------------------------------------- comparing
+
+def compare(session: Session, choices: list[Choice | str], previous: list[Result] = (), rerun: bool = False,
+            log: Callable[[str], None] = print, progress=None, should_stop: Callable[[], bool] = lambda: False,
+            executor=None, on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Each choice's result, in order. A configuration already in `previous` (without error and
+    with the same identity) is reused unless `rerun`; the others run on `executor` (default:
+    a fresh worker process each). `on_result` gets every newly measured result the moment it
+    finishes (the CLI and panels append it to the history there)."""
+    from .executors import WorkerProcesses
+
+    executor = executor or WorkerProcesses()
+    done = {r.key(): r for r in previous if r.error is None}
+    slots: list[Result | None] = []
+    pending: list[tuple[int, Choice | str]] = []
+    for choice in choices:
+        try:
+            parsed = as_choice(choice)
+        except WorkbenchError as exc:
+            slots.append(failed(session, str(choice), str(exc)))
+            continue
+        reused = None if rerun else done.get(planned_key(session, parsed))
+        if reused:
+            log(f"[{reused.label}] already measured with this model, text and protocol ({reused.timestamp}); reusing it. Re-run to measure again.")
+            slots.append(replace(reused, reused_from=reused.timestamp))
+            continue
+        slots.append(None)
+        pending.append((len(slots) - 1, parsed))
+
+    def finished(index: int, result: Result) -> None:
+        slots[index] = result
+        if on_result:
+            on_result(result)
+
+    executor.run(session, pending, finished, log, progress, should_stop)
+    if any(slot is None for slot in slots):
+        log("Cancelled: the remaining methods were not run.")
+    return [slot for slot in slots if slot is not None]
+
+
+# ---------------------------------------------------------------------------- generation
 
 @dataclass(frozen=True)
 class Generation:
@@ -160,32 +336,28 @@ class Generation:
     error: str | None = None
 
 
-def generate(session: Session, choice: str, prompt: str, max_new_tokens: int = 40, log=print) -> Generation:
-    """Quantize with one method and answer `prompt` greedily (chat template when the model has one)."""
+def generate(session: Session, choice: Choice | str, prompt: str, max_new_tokens: int = 40, log=print) -> Generation:
+    """Build with one method and answer `prompt` greedily (chat template when the model has one)."""
     import torch
 
-    label, method, workdir = choice, None, Path(tempfile.mkdtemp(prefix="workbench-"))
+    label = choice.label if isinstance(choice, Choice) else choice
     try:
-        method, params = methods.parse_choice(choice)
-        label = methods.label(method, params)
-        reason = method.unavailable_reason(session.device)
-        if reason:
-            raise WorkbenchError(f"{method.name}: {reason}")
-        model = _quantize(session, method, params, workdir, log)
-        ids = prompt_ids(session.tokenizer, prompt)
-        inputs = torch.tensor([ids], device=next(model.parameters()).device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=session.tokenizer.pad_token_id)
-        seconds = time.perf_counter() - start
+        with build(session, choice, log) as built:
+            label = built.choice.label
+            ids = prompt_ids(session.tokenizer, prompt)
+            inputs = torch.tensor([ids], device=next(built.model.parameters()).device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = built.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                                           do_sample=False, pad_token_id=session.tokenizer.pad_token_id)
+            seconds = time.perf_counter() - start
         new = out[0, len(ids):]
         return Generation(label, session.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) / seconds)
     except Exception as exc:
-        return Generation(label, error=_error_message(exc, label, method, log))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        free_memory()
+        if isinstance(exc, WorkbenchError):
+            return Generation(label, error=str(exc))
+        log(traceback.format_exc())
+        return Generation(label, error=f"{label} failed: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -196,58 +368,6 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def _error_message(exc: Exception, label: str, method: methods.Method, log) -> str:
-    import torch
-
-    if isinstance(exc, WorkbenchError):
-        return str(exc)
-    if isinstance(exc, torch.OutOfMemoryError):
-        return f"{label}: out of GPU memory. Try a lower-bit method or a smaller model (`python -m workbench estimate`)."
-    log(traceback.format_exc())  # a library failed: keep the trace in the log, go on with the other methods
-    backend = (method.backend if method else None) or "transformers"
-    return f"{label} failed inside {backend}: {type(exc).__name__}: {str(exc)[:300]}"
-
-
-def compare(session: Session, choices: list[str], previous: list[Result] = (), rerun: bool = False,
-            log: Callable[[str], None] = print, progress=None, should_stop: Callable[[], bool] = lambda: False) -> list[Result]:
-    """Run each method in turn. A configuration already in `previous` (without error) is reused
-    unless `rerun`. `should_stop` is checked between methods (cancel)."""
-    done = {r.key(): r for r in previous if r.error is None}
-    results = []
-    for choice in choices:
-        if should_stop():
-            log("Cancelled: the remaining methods were not run.")
-            break
-        reused = None if rerun else _find_previous(session, choice, done)
-        if reused:
-            log(f"[{reused.method}] already measured with this protocol ({reused.timestamp}); reusing it. Re-run to measure again.")
-            results.append(reused)
-            continue
-        results.append(run_method(session, choice, log, progress))
-    return results
-
-
-def _find_previous(session: Session, choice: str, done: dict) -> Result | None:
-    try:
-        method, params = methods.parse_choice(choice)
-    except WorkbenchError:
-        return None
-    key = config_key(session.source.label, methods.label(method, params), params, session.device, session.planned_protocol())
-    return done.get(key)
-
-
-def _calibration_record(method: methods.Method, params: dict) -> dict | None:
-    if not method.needs_calibration:
-        return None
-    return {"text": data.builtin_calibration_text().name, "samples": params["samples"], "block_tokens": params["block_tokens"]}
-
-
-def _failed(session: Session, label: str, method, params: dict, message: str) -> Result:
-    return Result(model=session.source.label, method=label, family=method.family if method else "", bits=method.bits_for(params) if method else 0,
-                  params=params, device=session.device, protocol=session.planned_protocol(), error=message,
-                  environment=environment(session.device, method) if method else {}, model_note=session.source.note, timestamp=_now())
-
-
 def free_memory() -> None:
     import torch
 
@@ -256,5 +376,5 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -7,9 +7,8 @@ gptqmodel 7.6 keeps only the last batch when texts differ in length, which ruins
 
 from __future__ import annotations
 
-from . import register
 from .base import Method, Param
-from .gptq import BLOCK_TOKENS, GROUP, PIP, SAMPLES, _save, quantize_with_gptqmodel, reload_quantized
+from .gptq import BLOCK_TOKENS, GROUP, NO_MERGE, PIP, SAMPLES, _save, packed_storage, quantize_with_gptqmodel, reload_quantized
 
 
 def _quantize(request):
@@ -21,10 +20,10 @@ def _quantize(request):
     return quantize_with_gptqmodel(request, "awq", config, backend="awq_torch" if request.device == "cpu" else None)
 
 
-register(Method(
+METHODS = (Method(
     name="awq", family="awq", bits=4, needs_calibration=True, backend="gptqmodel", pip=PIP, trainable=True,
     summary="AWQ: scales the weight channels that meet large activations before rounding, from calibration data.",
     params=(GROUP, Param("zero_point", False, "Asymmetric groups with a zero point."), SAMPLES, BLOCK_TOKENS),
-    quantize=_quantize, save=_save, reload=reload_quantized, kernel="gptqmodel",
+    quantize=_quantize, save=_save, reload=reload_quantized, kernel="gptqmodel", storage=packed_storage, merge_refusal=NO_MERGE,
     limits=("LoRA adapters train on it but cannot be merged into it.", "Slow on CPU: several minutes for a 135M model."),
-))
+),)

@@ -1,17 +1,19 @@
 """What a quantization method declares, and the request it is given to run.
 
-A `Method` is data plus two functions: `quantize(request) -> model` and, when the
-method can be saved, `reload(folder, request) -> model`. Everything a surface needs
-(parameter forms, availability, install lines) is read from these declarations, so
-adding a method means adding one module under `workbench/methods/`.
+A `Method` is data plus functions: `quantize(request) -> model` and, when the method
+can be saved, `save`/`reload`; storage per weight for estimates, preparation for
+training, merge support and side tensors for weight bytes. Everything a surface needs
+(parameter forms, availability, install lines, estimates) is read from these
+declarations, so adding a method means adding one module and registering it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..errors import WorkbenchError
 
@@ -38,6 +40,8 @@ class Param:
                 value = kind(value)
         except (TypeError, ValueError):
             raise WorkbenchError(f"{method}: parameter {self.name}={value!r} is not a {kind.__name__}. {self.help}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise WorkbenchError(f"{method}: parameter {self.name}={value!r} must be a finite number. {self.help}")
         if self.choices and value not in self.choices:
             allowed = ", ".join(str(c) for c in self.choices)
             raise WorkbenchError(f"{method}: {self.name}={value!r} is not supported; choose one of {allowed}.")
@@ -63,9 +67,40 @@ class QuantizeRequest:
     log: Callable[[str], None] = print
 
 
+def per_group_bits(group_size: int, overhead_bits: float) -> float:
+    """Bits per weight that a group's scale/zero costs; group_size <= 0 means one per row."""
+    return overhead_bits / group_size if group_size > 0 else PER_ROW_BITS
+
+
+PER_ROW_BITS = 0.03
+"""One scale per output row costs 16-32 bits over a row of 1k-4k weights: about 0.01-0.03 bits."""
+
+
+def compute_bits(device: str) -> int:
+    """Width of the tensors a quantized method keeps unquantized (embeddings, norms, lm_head):
+    the compute dtype, fp32 on CPU and 16-bit on GPU."""
+    return 32 if device == "cpu" else 16
+
+
+def default_storage(method: "Method", params: dict, device: str) -> tuple[float, float]:
+    """A 16-bit scale and zero per 64 weights, everything else at the compute dtype."""
+    return method.bits_for(params) + per_group_bits(64, 32), compute_bits(device)
+
+
+def enable_input_grads(model, gradient_checkpointing: bool):
+    """Default preparation for LoRA training: inputs need grads only for checkpointing."""
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
 @dataclass(frozen=True)
 class Method:
-    """A quantization method as the registry knows it."""
+    """Everything the workbench knows about one quantization method: its whole contract.
+
+    No code outside `workbench/methods/` asks which family a method is: what differs
+    between methods (storage for estimates, training preparation, merge support,
+    tensors kept outside parameters, save and reload) is declared here."""
 
     name: str
     family: str
@@ -88,10 +123,29 @@ class Method:
     """The compute path used on CPU/GPU, shown in the results table."""
     limits: tuple[str, ...] = field(default=())
     """Known limitations a user should read before picking it."""
+    storage: Callable[["Method", dict, str], tuple[float, float]] = default_storage
+    """(bits per block-linear weight, scales and zeros included; bits per other parameter) as
+    stored on a device: what "will it fit?" estimates before anything is loaded."""
+    storage_note: str = ""
+    """Why a measured size may differ from the estimate, shown beside it."""
+    side_tensors: Callable[[Any], Iterable] | None = None
+    """Tensors a layer keeps outside its parameters and buffers (bitsandbytes quant state,
+    HQQ meta), so that weight bytes count them."""
+    prepare_for_training: Callable[[Any, bool], Any] = enable_input_grads
+    """`(model, gradient_checkpointing) -> model` before LoRA adapters are attached."""
+    merge_refusal: str | None = None
+    """Why a LoRA adapter trained on this method cannot be merged (None: it can)."""
 
     @property
     def serializable(self) -> bool:
         return self.save is not None and self.reload is not None
+
+    @property
+    def package(self) -> str | None:
+        """The distribution name in the pip line (`pip install gptqmodel==7.6.*` -> gptqmodel)."""
+        if not self.pip:
+            return None
+        return self.pip.split()[2].split("=")[0].split("[")[0]
 
     def resolve_params(self, overrides: dict | None = None) -> dict:
         """Defaults updated with `overrides`, each validated. Unknown names are an error."""
@@ -105,6 +159,9 @@ class Method:
 
     def bits_for(self, params: dict) -> int:
         return int(params.get("bits", self.bits))
+
+    def storage_bits(self, params: dict, device: str) -> tuple[float, float]:
+        return self.storage(self, params, device)
 
     def unavailable_reason(self, device: str | None = None) -> str | None:
         """Why this method cannot run here (None when it can)."""
@@ -133,6 +190,7 @@ class Method:
             "backend": self.backend,
             "pip": self.pip,
             "trainable": self.trainable,
+            "mergeable": self.trainable and self.merge_refusal is None,
             "serializable": self.serializable,
             "params": [{"name": p.name, "default": p.default, "choices": list(p.choices), "help": p.help} for p in self.params],
             "limits": list(self.limits),

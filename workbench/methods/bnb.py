@@ -1,14 +1,16 @@
 """bitsandbytes: 8-bit (LLM.int8 with outlier decomposition) and 4-bit (NF4 / FP4).
 
 Quantizes at load time, no calibration. On CPU the compute dtype must be fp32 (bf16
-matmuls are 10-15x slower there). The 4-bit variants are the base of QLoRA.
+matmuls are 10-15x slower there). The 4-bit variants are the base of QLoRA; training
+on them goes through `bnb_training.prepare_for_training`, which keeps bitsandbytes'
+CPU repacking off (after it, no gradient flows through the 4-bit layers).
 """
 
 from __future__ import annotations
 
 from .. import models
-from . import register
-from .base import Method, Param
+from .base import Method, Param, compute_bits
+from .bnb_training import prepare_for_training
 
 PIP = "pip install bitsandbytes==0.50.2"
 
@@ -32,13 +34,41 @@ def _4bit_config(quant_type: str):
     return config
 
 
-def _bnb(name: str, bits: int, summary: str, make_config, params: tuple[Param, ...]) -> Method:
+def side_tensors(module):
+    """The 4-bit quant state (absmax, code; a second nested state with double quantization)
+    and the 8-bit row scales live on the weight, outside parameters and buffers."""
+    import torch
+
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    while state is not None:
+        yield from (v for v in vars(state).values() if isinstance(v, torch.Tensor))
+        state = getattr(state, "state2", None)
+    scb = getattr(weight, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        yield scb
+
+
+def _int8_storage(method, params, device):
+    """int8 weights plus one fp32 scale per output row (32 bits over a row of ~1k weights)."""
+    return 8 + 32 / 576, compute_bits(device)
+
+
+def _4bit_storage(method, params, device):
+    """Blocks of 64 with an fp32 absmax (+0.5 bits), or with double quantization an 8-bit
+    absmax re-scaled by an fp32 per 256 blocks (+0.127 bits)."""
+    extra = 8 / 64 + 32 / (64 * 256) if params["double_quant"] else 32 / 64
+    return 4 + extra, compute_bits(device)
+
+
+def _bnb(name: str, bits: int, summary: str, make_config, params: tuple[Param, ...], storage) -> Method:
     def load(source, request):
         return models.load_model(source, request.device, quantization_config=make_config(request.params, request.device))
 
     return Method(
         name=name, family="bitsandbytes", bits=bits, summary=summary, params=params, backend="bitsandbytes", pip=PIP,
-        trainable=True, kernel="bitsandbytes",
+        trainable=True, kernel="bitsandbytes", storage=storage, side_tensors=side_tensors,
+        prepare_for_training=prepare_for_training,
         quantize=lambda request: load(request.source, request),
         save=lambda model, folder: model.save_pretrained(folder),
         reload=lambda folder, request: load(models.ModelSource(name, str(folder)), request),
@@ -46,13 +76,15 @@ def _bnb(name: str, bits: int, summary: str, make_config, params: tuple[Param, .
 
 
 COMPUTE = Param("compute_dtype", "auto", "dtype of the matmuls: auto = fp32 on CPU, bf16/fp16 on GPU.", ("auto", "float32", "bfloat16", "float16"))
-DOUBLE_QUANT = Param("double_quant", True, "Quantize the per-block scales too (saves ~0.4 bits per weight).")
+DOUBLE_QUANT = Param("double_quant", True, "Quantize the per-block scales too (saves ~0.37 bits per weight).")
 
-register(_bnb("bnb-int8", 8, "LLM.int8(): int8 weights, outlier features kept in 16-bit.", _int8_config, (
-    Param("threshold", 6.0, "Activation magnitude above which a feature is treated as an outlier and kept in 16-bit.", minimum=0.0),
-    Param("skip_modules", "lm_head", "Comma-separated module names left unquantized."),
-)))
-register(_bnb("bnb-nf4", 4, "4-bit NormalFloat blocks of 64: levels placed for normally distributed weights (QLoRA).",
-              _4bit_config("nf4"), (DOUBLE_QUANT, COMPUTE)))
-register(_bnb("bnb-fp4", 4, "4-bit float blocks of 64: evenly spaced exponents, usually worse than NF4.",
-              _4bit_config("fp4"), (DOUBLE_QUANT, COMPUTE)))
+METHODS = (
+    _bnb("bnb-int8", 8, "LLM.int8(): int8 weights, outlier features kept in 16-bit.", _int8_config, (
+        Param("threshold", 6.0, "Activation magnitude above which a feature is treated as an outlier and kept in 16-bit.", minimum=0.0),
+        Param("skip_modules", "lm_head", "Comma-separated module names left unquantized."),
+    ), _int8_storage),
+    _bnb("bnb-nf4", 4, "4-bit NormalFloat blocks of 64: levels placed for normally distributed weights (QLoRA).",
+         _4bit_config("nf4"), (DOUBLE_QUANT, COMPUTE), _4bit_storage),
+    _bnb("bnb-fp4", 4, "4-bit float blocks of 64: evenly spaced exponents, usually worse than NF4.",
+         _4bit_config("fp4"), (DOUBLE_QUANT, COMPUTE), _4bit_storage),
+)

@@ -7,8 +7,7 @@ own `AutoHQQHFModel` quantizes, saves and reloads.
 from __future__ import annotations
 
 from .. import models
-from . import register
-from .base import Method, Param, check_group_size
+from .base import Method, Param, check_group_size, compute_bits, per_group_bits
 
 
 def _quantize(request):
@@ -28,15 +27,29 @@ def _reload(folder, request):
     return AutoHQQHFModel.from_quantized(str(folder), compute_dtype=models.compute_dtype(request.device), device=request.device)
 
 
+def side_tensors(module):
+    """HQQ keeps its scales and zero points in a `meta` dict on the layer."""
+    import torch
+
+    meta = getattr(module, "meta", None)
+    if isinstance(meta, dict):
+        yield from (v for v in meta.values() if isinstance(v, torch.Tensor))
+
+
+def _storage(method, params, device):
+    """A scale and a zero point per group, in the compute dtype."""
+    return method.bits_for(params) + per_group_bits(params["group_size"], 2 * compute_bits(device)), compute_bits(device)
+
+
 def _save(model, folder):
     from hqq.models.hf.base import AutoHQQHFModel
 
     AutoHQQHFModel.save_quantized(model, str(folder))
 
 
-register(Method(
+METHODS = (Method(
     name="hqq", family="hqq", bits=4, summary="Half-quadratic optimisation of scales and zeros per group; no calibration data.",
     params=(Param("bits", 4, "Bits per weight.", (2, 3, 4, 8)), Param("group_size", 64, "Weights per scale/zero group; must divide each layer's input width.", minimum=8)),
     quantize=_quantize, save=_save, reload=_reload, backend="hqq", pip="pip install hqq==0.2.8.post1", trainable=True,
-    kernel="hqq (dequantize + torch matmul)",
-))
+    kernel="hqq (dequantize + torch matmul)", storage=_storage, side_tensors=side_tensors,
+),)

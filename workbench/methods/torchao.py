@@ -6,8 +6,7 @@ int8 works on CPU; int4 fails on CPU in every packing (measured), so it is GPU-o
 from __future__ import annotations
 
 from .. import models
-from . import register
-from .base import Method, Param, check_group_size
+from .base import Method, Param, check_group_size, compute_bits, per_group_bits
 
 PIP = "pip install torchao==0.18.0"
 
@@ -24,6 +23,13 @@ def _int4_config(params):
     return Int4WeightOnlyConfig(group_size=params["group_size"])
 
 
+def _storage(method, params, device):
+    """int8: one scale per row; int4: a 16-bit scale and zero per group."""
+    if "group_size" in params:
+        return method.bits + per_group_bits(params["group_size"], 32), compute_bits(device)
+    return method.bits + per_group_bits(-1, 32), compute_bits(device)
+
+
 def _torchao(name: str, bits: int, summary: str, make_config, params=(), devices=("cpu", "cuda")) -> Method:
     def load(source, request):
         from transformers import TorchAoConfig
@@ -34,13 +40,15 @@ def _torchao(name: str, bits: int, summary: str, make_config, params=(), devices
 
     return Method(
         name=name, family="torchao", bits=bits, summary=summary, params=params, devices=devices, backend="torchao", pip=PIP,
-        trainable=bits == 8, kernel="torchao",
+        trainable=bits == 8, kernel="torchao", storage=_storage,
         quantize=lambda request: load(request.source, request),
         save=lambda model, folder: model.save_pretrained(folder, safe_serialization=False),
         reload=lambda folder, request: models.load_model(models.ModelSource(name, str(folder)), request.device),
     )
 
 
-register(_torchao("torchao-int8", 8, "int8 weight-only, one scale per output row.", _int8_config))
-register(_torchao("torchao-int4", 4, "int4 weight-only in groups (tinygemm kernel).", _int4_config,
-                  (Param("group_size", 64, "Weights per scale group.", (32, 64, 128, 256)),), devices=("cuda",)))
+METHODS = (
+    _torchao("torchao-int8", 8, "int8 weight-only, one scale per output row.", _int8_config),
+    _torchao("torchao-int4", 4, "int4 weight-only in groups (tinygemm kernel).", _int4_config,
+             (Param("group_size", 64, "Weights per scale group.", (32, 64, 128, 256)),), devices=("cuda",)),
+)

@@ -1,6 +1,7 @@
 """Long work for a panel: one button, a status, progress, a captured log, and cancel.
 
-States go `idle -> running -> done | error | cancelled` and every transition is kept in
+States go `idle -> running -> done | error | cancelled` (`JobState`, a str Enum, so a
+state also compares equal to its lowercase name) and every transition is kept in
 `Job.states`, so tests can click a button and assert the sequence. Work runs in a worker
 thread so the notebook stays responsive; output from that thread is written with
 `Output.append_stdout` (a `with out:` block from a thread loses or misroutes output).
@@ -13,13 +14,30 @@ import html
 import threading
 import time
 import traceback
+from enum import Enum
 from typing import Any, Callable
 
 import ipywidgets as widgets
 
 from ..errors import WorkbenchError
 
-COLORS = {"idle": "#555", "running": "#1f77b4", "done": "#2ca02c", "error": "#d62728", "cancelled": "#ff7f0e"}
+
+
+class JobState(str, Enum):
+    """Where a job is; `str` so that `job.state == "done"` and lists of plain names compare equal."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+COLORS = {JobState.IDLE: "#555", JobState.RUNNING: "#1f77b4", JobState.DONE: "#2ca02c", JobState.ERROR: "#d62728",
+          JobState.CANCELLED: "#ff7f0e"}
 
 
 class Job:
@@ -36,25 +54,25 @@ class Job:
         self.cancel_button.on_click(lambda _: self.cancel())
         self.log = widgets.Output(layout=widgets.Layout(max_height="220px", overflow="auto", border="1px solid #ddd"))
         self.widget = widgets.VBox([widgets.HBox([button, self.cancel_button, self.progress, self.status]), self.log])
-        self.states: list[str] = []
+        self.states: list[JobState] = []
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._set_state("idle")
+        self._set_state(JobState.IDLE)
 
     @property
-    def state(self) -> str:
+    def state(self) -> JobState:
         return self.states[-1]
 
     def start(self, background: bool = True) -> None:
         """Run the work (in a worker thread unless `background` is False) unless it is already running."""
-        if self.state == "running":
+        if self.state is JobState.RUNNING:
             return
         self._stop.clear()
         self.error = None
         self.button.disabled = True
         self.cancel_button.disabled = False
-        self._set_state("running")
+        self._set_state(JobState.RUNNING)
         if background:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -66,20 +84,20 @@ class Job:
         try:
             result = self._work(self)
             self._on_done(result)
-            state = "cancelled" if self._stop.is_set() else "done"
+            state = JobState.CANCELLED if self._stop.is_set() else JobState.DONE
         except WorkbenchError as exc:
-            self.error, state = str(exc), "error"
+            self.error, state = str(exc), JobState.ERROR
         except Exception as exc:  # show the traceback in the panel instead of losing it in the kernel log
-            self.error, state = f"{type(exc).__name__}: {exc}", "error"
+            self.error, state = f"{type(exc).__name__}: {exc}", JobState.ERROR
             self.log.append_stderr(traceback.format_exc())
         self.button.disabled = False
         self.cancel_button.disabled = True
         self.progress.layout.visibility = "hidden"
         self._set_state(state, f" after {time.perf_counter() - started:.1f} s")
 
-    def _set_state(self, state: str, detail: str = "") -> None:
+    def _set_state(self, state: JobState, detail: str = "") -> None:
         self.states.append(state)
-        text = state + detail + (f": {self.error}" if self.error else "")
+        text = state.value + detail + (f": {self.error}" if self.error else "")
         self.status.value = f"<b style='color:{COLORS[state]}'>{html.escape(text)}</b>"
 
     def write(self, message: str) -> None:
@@ -98,7 +116,7 @@ class Job:
     def should_stop(self) -> bool:
         return self._stop.is_set()
 
-    def wait(self, timeout: float | None = None) -> str:
+    def wait(self, timeout: float | None = None) -> JobState:
         """Block until the work finishes (for tests and headless notebooks); returns the final state."""
         if self._thread is not None:
             self._thread.join(timeout)
@@ -125,12 +143,12 @@ class Panel:
 
         display(self.widget)
 
-    def run(self) -> str:
+    def run(self) -> JobState:
         """Do what the button does, in this cell (notebooks run headless by nbval, CI).
         A failed run raises, so the cell shows the message instead of passing silently."""
         self.job.start(background=False)
         state = self.job.state
-        if state == "error":
+        if state is JobState.ERROR:
             raise WorkbenchError(self.job.error)
         return state
 

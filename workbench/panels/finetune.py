@@ -2,8 +2,13 @@
 
 Thin surfaces over `workbench.finetune`, in the style of `work.py`: they take the panels
 they read from in their constructor, run the core calls through `Job` (states, log,
-Stop), and keep what came back (`.result`, `.finetuned`, `.adapter_dir`,
-`.merge_report`, `.results`, `.loss_figure`) for tests and later cells.
+Stop), and keep what came back (`.result`, `.trained`, `.merge_report`, `.results`,
+`.loss_figure`) for tests and later cells.
+
+State is a value: FineTunePanel publishes one frozen `TrainedAdapter` (what was trained,
+from which model on which device, where the adapter is) and MergeDeployPanel reads only
+that, never the other panel's widgets or working attributes, so changing the model
+picker after training cannot make a merge use another model than the one trained.
 
 The loss curve is a plain plotly `go.Figure` redrawn through `FigureArea` (an Output
 widget in JupyterLab, a display handle in Colab), never a FigureWidget. Training logs a
@@ -16,17 +21,17 @@ from __future__ import annotations
 import html
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 import ipywidgets as widgets
 
 from .. import methods, results
-from ..config import EvalConfig
+from ..config import EvalConfig, ModelSpec
 from ..errors import WorkbenchError
 from ..finetune import FinetuneConfig, merge_refusal
-from ._base import FigureArea, Job, Panel, table_html
+from ._base import FigureArea, Job, JobState, Panel, table_html
 from .pickers import ModelPicker
 
 SMOOTHING = 0.6
@@ -62,10 +67,10 @@ def loss_chart(losses: list[tuple[int, float]], max_steps: int, subtitle: str = 
     return fig
 
 
-def _run_here(job: Job) -> str:
+def _run_here(job: Job) -> JobState:
     """`Panel.run` for a panel with more than one button."""
     job.start(background=False)
-    if job.state == "error":
+    if job.state is JobState.ERROR:
         raise WorkbenchError(job.error)
     return job.state
 
@@ -83,6 +88,22 @@ def _memory_bytes(device: str) -> int:
 
 def _notes(lines: list[str]) -> str:
     return "".join(f"<p style='font-size:11px'>{html.escape(line)}</p>" for line in lines)
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """What FineTunePanel hands on after a run: everything a merge or a deployment needs."""
+
+    spec: ModelSpec
+    """The model as picked for training (a deployment measures the same model)."""
+    source: object
+    """The resolved `models.ModelSource` the base was loaded from."""
+    device: str
+    base: str
+    """The method choice the adapter was trained on (e.g. `bnb-nf4`)."""
+    adapter_dir: Path
+    model: object = field(default=None, repr=False, compare=False)
+    """The trained model in memory (quantized base + adapter), None once released."""
 
 
 class FineTunePanel(Panel):
@@ -118,7 +139,8 @@ class FineTunePanel(Panel):
         self.losses: list[tuple[int, float]] = []
         self.loss_figure = loss_chart([], c.max_steps)
         self.figures = [self.loss_figure]
-        self.result = self.finetuned = self.adapter_dir = self.source = self.device = None
+        self.result = None
+        self.trained: TrainedAdapter | None = None
         self._started, self._peak = 0.0, 0
 
     @staticmethod
@@ -145,38 +167,39 @@ class FineTunePanel(Panel):
             config = replace(config, output_dir=str(self.out_dir / "adapters" / datetime.now().strftime("%Y%m%d-%H%M%S")))
         spec = self.model_picker.spec()
         self.release()  # free the previous run's model (and its GPU memory) first
-        self.device, self.source = spec.resolved_device(), models.resolve(spec.name, spec.token, job.write)
+        device, source = spec.resolved_device(), models.resolve(spec.name, spec.token, job.write)
         self.losses, self._peak = [], 0
         self._redraw(config.max_steps, "waiting for the first step (loading and evaluating before training)")
         self._started = time.perf_counter()
 
         def on_loss(step: int, loss: float) -> None:
             self.losses.append((step, loss))
-            self._peak = max(self._peak, _memory_bytes(self.device))
+            self._peak = max(self._peak, _memory_bytes(device))
             elapsed = time.perf_counter() - self._started
             job.set_progress(step, config.max_steps)
             self.live.value = (f"step {step}/{config.max_steps} · loss {loss:.3f} (smoothed {smoothed([v for _, v in self.losses])[-1]:.3f})"
                                f" · {elapsed:.0f} s elapsed · peak memory so far {self._peak / 2**20:.0f} MB")
             self._redraw(config.max_steps, f"{config.base} + LoRA r={config.r}, alpha={config.alpha}, lr {config.learning_rate:g}, "
-                                           f"batch {config.batch_size} · {self.source.label} on {self.device}")
+                                           f"batch {config.batch_size} · {source.label} on {device}")
 
-        return finetune.finetune(self.source, config, self.device, on_loss, job.should_stop, job.write)
+        run = finetune.finetune(source, config, device, on_loss, job.should_stop, job.write)
+        return TrainedAdapter(spec, source, device, run.report.base, Path(run.report.adapter_dir), run.model), run.report
 
     def _redraw(self, max_steps: int, subtitle: str) -> None:
         self.loss_figure = loss_chart(self.losses, max_steps, subtitle)
         self.figures = [self.loss_figure]
         self.figure_area.show(self.figures)
 
-    def _show(self, run) -> None:
-        from ..finetune import load_rows
+    def _show(self, outcome: tuple[TrainedAdapter, object]) -> None:
+        from ..data import load_rows
 
-        self.finetuned, self.result, report = run, run.report, run.report
-        self.adapter_dir = Path(report.adapter_dir)
+        self.trained, self.result = outcome
+        report = self.result
         stopped = " (stopped early)" if report.stopped_early else ""
         self._redraw(report.config["max_steps"], f"{report.base} + LoRA r={report.config['r']} · {report.steps} steps{stopped} · {report.model}")
         self.live.value = (f"{report.steps} steps{stopped} in {report.train_s:.0f} s ({report.s_per_step:.2f} s/step) · "
                            f"peak memory {report.peak_bytes / 2**20:.0f} MB ({report.peak_kind}) · adapter saved to "
-                           f"<code>{html.escape(str(self.adapter_dir))}</code>")
+                           f"<code>{html.escape(str(self.trained.adapter_dir))}</code>")
         rows = [{"": "held-out loss (nats/token)", "before": round(report.heldout_loss_before, 4),
                  "after": round(report.heldout_loss_after, 4), "change": f"{report.heldout_loss_after - report.heldout_loss_before:+.4f}"},
                 {"": "held-out perplexity", "before": round(report.heldout_ppl_before, 2), "after": round(report.heldout_ppl_after, 2),
@@ -193,11 +216,17 @@ class FineTunePanel(Panel):
         else:
             self.generations.value = ""
 
+    @property
+    def adapter_dir(self) -> Path | None:
+        """Where the last adapter was saved (None before the first run)."""
+        return self.trained.adapter_dir if self.trained else None
+
     def release(self) -> None:
         """Drop the trained model (the adapter stays on disk)."""
         from .. import runner
 
-        self.finetuned = None
+        if self.trained is not None:
+            self.trained = replace(self.trained, model=None)
         runner.free_memory()
 
 
@@ -221,6 +250,7 @@ class MergeDeployPanel(Panel):
             widgets.HTML("<b>2. Deploy</b>: quantize the merged model; compare it with the trained base + adapter."),
             self.method, self.deploy_job.widget, self.table])
         self.merge_report = None
+        self.merged_from: TrainedAdapter | None = None
         self.results: list[results.Result] = []
 
     def merge(self) -> str:
@@ -242,19 +272,21 @@ class MergeDeployPanel(Panel):
     def _merge(self, job: Job):
         from .. import finetune
 
-        tuned = self.finetune_panel
-        if tuned.adapter_dir is None:
+        tuned = self.finetune_panel.trained
+        if tuned is None:
             raise WorkbenchError("merge: no adapter yet. Train one first (press Train in the fine-tune panel, or run its `.run()`).")
-        refusal = merge_refusal(tuned.result.base)
+        refusal = merge_refusal(tuned.base)
         if refusal:
             raise WorkbenchError(refusal)
         out = self.out_dir / "merged" / tuned.adapter_dir.parent.name
-        trained = tuned.finetuned.model if tuned.finetuned is not None else None  # saves loading the base again
-        return finetune.merge_to_dequantized(tuned.source, tuned.adapter_dir, out, tuned.device, trained, job.write)
+        # tuned.model (when still in memory) saves loading the base again; the value kept here
+        # does not hold it, so FineTunePanel.release() really frees it.
+        report = finetune.merge_to_dequantized(tuned.source, tuned.adapter_dir, out, tuned.device, tuned.model, job.write)
+        return replace(tuned, model=None), report
 
-    def _show_merge(self, report) -> None:
-        self.merge_report = report
-        base = self.finetune_panel.result.base
+    def _show_merge(self, outcome) -> None:
+        self.merged_from, self.merge_report = outcome
+        report, base = self.merge_report, self.merged_from.base
         rows = [{"model": f"{base} base + adapter (what was trained)", "held-out loss": round(report.adapter_loss, 4)},
                 {"model": "full-precision base + adapter, unmerged", "held-out loss": round(report.unmerged_loss, 4)},
                 {"model": "merged into full precision (saved fp16)", "held-out loss": round(report.merged_loss, 4)}]
@@ -268,12 +300,12 @@ class MergeDeployPanel(Panel):
             f"<code>{html.escape(report.merged_dir)}</code>.</p>")
 
     def _deploy(self, job: Job) -> list[results.Result]:
-        from .. import finetune
+        from .. import finetune, runner
 
         if self.merge_report is None:
             raise WorkbenchError("deploy: nothing merged yet. Press Merge first: deployment quantizes the merged model.")
-        tuned = self.finetune_panel
-        session = tuned.model_picker.session(self.eval_cfg, job.write)
+        tuned = self.merged_from
+        session = runner.Session.open(tuned.spec, self.eval_cfg, job.write)
         rows = finetune.deploy_compare(session, self.merge_report.merged_dir, (self.method.value,), tuned.adapter_dir, job.write)
         results.append_history(rows, self.out_dir / "deploy.jsonl")
         return rows
@@ -283,4 +315,4 @@ class MergeDeployPanel(Panel):
         self.table.value = table_html(results.table_rows(rows)) + _notes(results.footnotes(rows))
         failed = [r for r in rows if r.error]
         if failed:
-            raise WorkbenchError(f"{failed[0].method}: {failed[0].error}")
+            raise WorkbenchError(f"{failed[0].label}: {failed[0].error}")

@@ -70,12 +70,15 @@ class ModelPicker(Panel):
         from .. import estimate, models
 
         spec = self.spec()
-        return estimate.estimate(models.resolve(spec.name, spec.token, job.write))
+        source = models.resolve(spec.name, spec.token, job.write)
+        models.check_causal_lm(source)
+        return estimate.estimate(source, device=spec.resolved_device())
 
     def _show_estimate(self, result) -> None:
         from ..estimate import footnotes
 
-        rows = [{"method": r.method, "bits": r.bits, "weight MB": round(r.weight_bytes / 2**20),
+        rows = [{"method": r.method, "bits": r.bits, f"weight MB ({result.device})": round(r.weight_bytes / 2**20),
+                 "GPU weight MB": round(r.gpu_weight_bytes / 2**20),
                  **{gpu: "yes" if fits else "no" for gpu, fits in r.fits.items()}} for r in result.rows]
         notes = "".join(f"<p style='font-size:11px'>{html.escape(n)}</p>" for n in footnotes(result))
         self.estimate_view.value = table_html(rows) + notes

@@ -3,17 +3,21 @@
 They take the pickers they read from in their constructor (no globals), run the core
 call through `Job` (progress, status, captured log, cancel), and keep what it returned
 in `.result` / `.results` / `.figures` so tests and later cells can use it.
+
+ComparePanel measures each method in a fresh worker process (as the CLI does), so a
+button click and a Run All measure the same way, Cancel ends the running worker at once,
+and each finished method is in the history the moment it finishes. QuantizePanel keeps
+its model for the next cells, so it measures in this process (its row says so).
 """
 
 from __future__ import annotations
 
 import html
-import shutil
 from pathlib import Path
 
 import ipywidgets as widgets
 
-from .. import charts, results, runner
+from .. import charts, executors, results, runner
 from ..config import EvalConfig
 from ..errors import WorkbenchError
 from ._base import FigureArea, Job, Panel, table_html
@@ -33,36 +37,38 @@ class QuantizePanel(Panel):
         self.widget = widgets.VBox([widgets.HTML("Parameters come from the method list above."), self.method,
                                     self.job.widget, self.summary])
         self.result: results.Result | None = None
-        self.model = None
-        self._workdir: Path | None = None
+        self.built: runner.Built | None = None
 
-    def _work(self, job: Job) -> runner.Measured:
+    @property
+    def model(self):
+        """The quantized model kept for the next cells (None until a run succeeded)."""
+        return self.built.model if self.built else None
+
+    def _work(self, job: Job) -> runner.Evaluated:
         self.release()  # free the previous model (and its GPU memory) before loading the next
         session = self.model_picker.session(self.eval_cfg, job.write)
         choice = self.method_picker.choice_for(self.method.value)
-        return runner.measure_method(session, choice, job.write, lambda _, done, total: job.set_progress(done, total), keep_model=True)
+        return runner.evaluate(session, choice, job.write, lambda _, done, total: job.set_progress(done, total), keep=True)
 
-    def _show(self, measured: runner.Measured) -> None:
-        self.result, self.model, self._workdir = measured.result, measured.model, measured.workdir
-        if measured.result.error:
-            raise WorkbenchError(measured.result.error)
-        self.summary.value = table_html(results.table_rows([measured.result])) + \
-            f"<p style='font-size:11px'>{html.escape(' '.join(results.footnotes([measured.result])))}</p>"
+    def _show(self, evaluated: runner.Evaluated) -> None:
+        self.result, self.built = evaluated.result, evaluated.built
+        if evaluated.result.error:
+            raise WorkbenchError(evaluated.result.error)
+        self.summary.value = table_html(results.table_rows([evaluated.result])) + \
+            f"<p style='font-size:11px'>{html.escape(' '.join(results.footnotes([evaluated.result])))}</p>"
 
     def release(self) -> None:
-        self.model = None
-        if self._workdir:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-        runner.free_memory()
+        if self.built:
+            self.built.close()
+            self.built = None
 
 
 class ComparePanel(Panel):
     """Run several methods one after another against the baseline; table, charts, export."""
 
     def __init__(self, model: ModelPicker, methods: MethodPicker, out_dir: str = "results",
-                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16)):
-        self.model_picker, self.method_picker, self.eval_cfg = model, methods, eval_cfg
+                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16), in_process: bool = False):
+        self.model_picker, self.method_picker, self.eval_cfg, self.in_process = model, methods, eval_cfg, in_process
         self.out_dir = Path(out_dir)
         self.button = widgets.Button(description="Compare", button_style="primary", icon="bar-chart")
         self.rerun = widgets.Checkbox(value=False, description="re-run configurations already measured", indent=False)
@@ -89,11 +95,15 @@ class ComparePanel(Panel):
 
     def _work(self, job: Job) -> list[results.Result]:
         session = self.model_picker.session(self.eval_cfg, job.write)
-        previous = results.read_history(self.history)
-        measured = runner.compare(session, self.method_picker.choices(), previous, self.rerun.value, job.write,
-                                  lambda _, done, total: job.set_progress(done, total), job.should_stop)
-        results.append_history([r for r in measured if r not in previous], self.history)
-        return measured
+        previous = results.read_history(self.history, job.write)
+        library_log = self.out_dir / "library.log"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with library_log.open("a", encoding="utf-8") as library:
+            executor = executors.InProcess() if self.in_process else \
+                executors.WorkerProcesses(library_log=lambda line: library.write(line + "\n"))
+            return runner.compare(session, self.method_picker.choices(), previous, self.rerun.value, job.write,
+                                  lambda _, done, total: job.set_progress(done, total), job.should_stop, executor,
+                                  on_result=lambda result: results.append_history([result], self.history))
 
     def _show(self, measured: list[results.Result]) -> None:
         self.results = measured

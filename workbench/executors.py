@@ -1,0 +1,248 @@
+"""Where a (build, measure) pair runs: in this process, or in a fresh worker process per method.
+
+One small interface, `Executor.run(session, pending, finished, log, progress, should_stop)`:
+`pending` is a list of `(index, Choice)`, and `finished(index, result)` is called the
+moment each result is ready, so the caller can append it to the history at once.
+
+`WorkerProcesses` is the default. Each method is built and measured in a fresh process
+(spawn), so its peak memory is its own (the worker's peak RSS, and the peak above what
+the worker held after its imports), a crash (segfault, the OOM killer, a native abort)
+becomes an error row that names the signal, a stuck method ends at its timeout, and
+cancel ends the running worker at once. The parent never holds a model. The worker's
+library output (gptqmodel, bitsandbytes...) goes to `library_log`, not to the caller's
+stdout, and its working directory is a scratch folder (gptqmodel writes logs/ there).
+
+`InProcess` measures in the calling process: for notebooks that keep a model. Rows say
+which mode measured them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from multiprocessing import connection, get_context
+from pathlib import Path
+from typing import Callable, Protocol
+
+from .errors import WorkbenchError
+from .methods import Choice
+from .results import Result
+
+SIGNAL_HINTS = {
+    "SIGKILL": "killed; on Linux the out-of-memory killer does this when memory runs out",
+    "SIGSEGV": "segmentation fault inside a native library",
+    "SIGABRT": "a native library aborted",
+    "SIGBUS": "bus error inside a native library",
+    "SIGTERM": "terminated from outside",
+}
+WORKER_OVERHEAD_BYTES = 1200 * 2**20
+"""What an idle worker holds after importing torch, transformers and a backend (measured ~0.9-1.1 GB)."""
+
+
+class Executor(Protocol):
+    def run(self, session, pending: list[tuple[int, Choice]], finished: Callable[[int, Result], None],
+            log: Callable[[str], None], progress, should_stop: Callable[[], bool]) -> None: ...
+
+
+class InProcess:
+    """Build and measure here, one after another; cancel takes effect between methods."""
+
+    def run(self, session, pending, finished, log, progress, should_stop) -> None:
+        from . import runner
+
+        for index, choice in pending:
+            if should_stop():
+                return
+            finished(index, runner.evaluate(session, choice, log, progress).result)
+
+
+@dataclass
+class _Task:
+    index: int
+    choice: Choice
+    process: object
+    conn: connection.Connection
+    scratch: Path
+    started: float
+    log_file: object
+    result: Result | None = None
+    ended: bool = False
+    """The worker closed its end of the pipe (it finished, or died)."""
+
+
+class WorkerProcesses:
+    """Each method in a fresh spawned process; up to `jobs` at once; `timeout_s` per method."""
+
+    def __init__(self, jobs: int = 1, timeout_s: float | None = None, library_log: Callable[[str], None] | None = None):
+        if jobs < 1:
+            raise WorkbenchError(f"--jobs: {jobs} is not a number of worker processes; use 1 or more.")
+        if timeout_s is not None and not timeout_s > 0:
+            raise WorkbenchError(f"--timeout: {timeout_s} seconds is not a time limit; give a positive number of seconds.")
+        self.jobs, self.timeout_s, self.library_log = jobs, timeout_s, library_log
+
+    def run(self, session, pending, finished, log, progress, should_stop) -> None:
+        queue, running = list(pending), []
+        try:
+            while queue or running:
+                if should_stop():
+                    return
+                while queue and len(running) < self.jobs:
+                    index, choice = queue.pop(0)
+                    running.append(self._start(session, index, choice))
+                ready = connection.wait([task.conn for task in running], timeout=0.1)
+                for task in list(running):
+                    self._drain(task, task.conn in ready, log, progress)
+                    outcome = self._outcome(session, task)
+                    if outcome is not None:
+                        running.remove(task)
+                        self._cleanup(task)
+                        finished(task.index, outcome)
+        finally:
+            for task in running:  # cancel, Ctrl-C, or an error in a callback: end the workers now
+                self._stop(task)
+                self._cleanup(task)
+
+    def _start(self, session, index: int, choice: Choice) -> _Task:
+        context = get_context("spawn")
+        receive, send = context.Pipe(duplex=False)
+        scratch = Path(tempfile.mkdtemp(prefix="workbench-worker-"))
+        threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else None
+        eval_cfg = session.eval
+        if eval_cfg.text_path:
+            eval_cfg = replace(eval_cfg, text_path=str(Path(eval_cfg.text_path).expanduser().resolve()))
+        process = context.Process(target=_worker_main, daemon=True, name=f"workbench-{choice.label}",
+                                  args=(send, session.source, session.device, eval_cfg, choice.text, choice.adapter,
+                                        choice.method.quantize.__module__, str(scratch), threads))
+        process.start()
+        send.close()
+        log_file = open(scratch / "library.log", "a+", encoding="utf-8", errors="replace")
+        return _Task(index, choice, process, receive, scratch, time.monotonic(), log_file)
+
+    def _drain(self, task: _Task, ready: bool, log, progress) -> None:
+        while ready and task.result is None:
+            try:
+                kind, *payload = task.conn.recv()
+            except (EOFError, OSError):
+                task.ended = True
+                break
+            if kind == "log":
+                log(payload[0])
+            elif kind == "progress" and progress:
+                progress(*payload)
+            elif kind == "result":
+                task.result = payload[0]
+            ready = task.conn.poll()
+        if self.library_log:
+            for line in task.log_file.read().splitlines():  # new library output since the last look
+                self.library_log(line)
+
+    def _outcome(self, session, task: _Task) -> Result | None:
+        from . import runner
+
+        if task.result is not None:
+            task.process.join(5)
+            return task.result
+        if self.timeout_s is not None and time.monotonic() - task.started > self.timeout_s:
+            self._stop(task)
+            return runner.failed(session, task.choice, f"{task.choice.label}: stopped after the per-method time limit of "
+                                 f"{self.timeout_s:g} s (--timeout); raise it for slow methods.", mode="worker")
+        if task.process.is_alive() or not task.ended:
+            return None
+        code = task.process.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            message = f"{task.choice.label}: the worker process died from {name} ({SIGNAL_HINTS.get(name, 'a signal')})"
+        else:
+            message = f"{task.choice.label}: the worker process exited with status {code} before reporting a result"
+        return runner.failed(session, task.choice, message + _last_words(task), mode="worker")
+
+    @staticmethod
+    def _stop(task: _Task) -> None:
+        if task.process.is_alive():
+            task.process.terminate()
+            task.process.join(2)
+        if task.process.is_alive():
+            task.process.kill()
+            task.process.join(2)
+
+    @staticmethod
+    def _cleanup(task: _Task) -> None:
+        task.log_file.close()
+        task.conn.close()
+        shutil.rmtree(task.scratch, ignore_errors=True)
+
+
+def _last_words(task: _Task) -> str:
+    """The last line the backend wrote before dying, when there is one."""
+    task.log_file.seek(0)
+    lines = [line.strip() for line in task.log_file.read().splitlines() if line.strip()]
+    return f"; its last output: {lines[-1][:200]}" if lines else ""
+
+
+def _worker_main(conn, source, device, eval_cfg, choice_text, adapter, method_module, scratch, threads) -> None:
+    """A worker's whole life: imports, session, one evaluate, send the result, exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends this process
+    log_fd = os.open(os.path.join(scratch, "library.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.chdir(scratch)
+    import importlib
+
+    import torch
+
+    from . import methods, models, runner
+
+    if threads:
+        torch.set_num_threads(threads)
+    importlib.import_module(method_module)  # a method registered outside the package registers itself here too
+    send = lambda *message: conn.send(message)  # noqa: E731
+    choice = methods.parse(choice_text, adapter)  # the parent parsed it already: this cannot fail
+    session = runner.Session.from_source(source, device, eval_cfg)
+    if choice.method.backend:
+        importlib.import_module(choice.method.backend)  # imports belong to the baseline, not the measurement
+    models.empty_model(source)  # so do transformers' lazy imports of the model's code (a meta-device build: no weights)
+    evaluated = runner.evaluate(session, choice, lambda message: send("log", message),
+                                lambda label, done, total: send("progress", label, done, total), mode="worker")
+    send("result", evaluated.result)
+    conn.close()
+
+
+def check_jobs_fit(jobs: int, session, choices: list[Choice]) -> None:
+    """Refuse more parallel workers than memory holds, by the estimate: each worker loads the
+    full-precision model, quantizes it and evaluates (weights x the runtime factor, plus the
+    worker's own imports)."""
+    if jobs <= 1 or not choices:
+        return
+    from . import estimate, models
+
+    total, linear = estimate.count_params(models.empty_model(session.source))
+    full = estimate.method_estimate(_full_precision(session.device), total, linear, {}, session.device).weight_bytes
+    largest = max(estimate.method_estimate(c.method, total, linear, {}, session.device, c.params).weight_bytes for c in choices)
+    per_job = int((full + largest) * estimate.RUNTIME_FACTOR) + WORKER_OVERHEAD_BYTES
+    available = _available_memory(session.device)
+    if jobs * per_job > available:
+        fits = max(1, available // per_job)
+        raise WorkbenchError(f"--jobs {jobs}: each worker needs about {per_job / 2**30:.1f} GiB by the estimate "
+                             f"(full-precision load + quantized model + runtime), {jobs} need {jobs * per_job / 2**30:.1f} GiB, "
+                             f"and {available / 2**30:.1f} GiB are available; use --jobs {fits}.")
+
+
+def _full_precision(device: str):
+    from . import methods
+
+    return methods.get("fp32" if device == "cpu" else "bf16")
+
+
+def _available_memory(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    import psutil
+
+    return psutil.virtual_memory().available
