@@ -41,7 +41,7 @@ class ModelSource:
 def cache_dir() -> Path:
     """User cache for converted models (never inside the repository)."""
     root = os.environ.get("WORKBENCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantization-workbench"
-    return Path(root)
+    return Path(root).expanduser().resolve()  # absolute: worker processes run in a scratch folder
 
 
 def bundled_gguf() -> Path:

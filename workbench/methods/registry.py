@@ -13,6 +13,7 @@ it; it then appears in every surface (CLI `methods`, `estimate`, `compare`, the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import WorkbenchError
 from . import awq, baseline, bnb, gptq, hqq, quanto, torchao
@@ -88,7 +89,8 @@ def parse(text: str, adapter: str | None = None) -> Choice:
         if not sep or not key:
             raise WorkbenchError(f"{text!r}: parameters are written name:key=value:key=value, got {pair!r}.")
         overrides[key] = value
-    return Choice(method, method.resolve_params(overrides), adapter)
+    # An absolute folder: a worker process runs elsewhere (its own scratch working directory).
+    return Choice(method, method.resolve_params(overrides), str(Path(adapter).expanduser().resolve()) if adapter else None)
 
 
 def parse_choice(text: str) -> tuple[Method, dict]:

@@ -22,7 +22,6 @@ import ipywidgets as widgets
 from ..errors import WorkbenchError
 
 
-
 class JobState(str, Enum):
     """Where a job is; `str` so that `job.state == "done"` and lists of plain names compare equal."""
 
@@ -111,7 +110,7 @@ class Job:
     def cancel(self) -> None:
         """Ask the work to stop at its next checkpoint (between methods, between steps)."""
         self._stop.set()
-        self.write("Cancelling after the current step...")
+        self.write("cancelling...")
 
     def should_stop(self) -> bool:
         return self._stop.is_set()
