@@ -57,7 +57,7 @@ def test_bad_choices_say_what_to_do(choice, message):
 def test_parse_choice_coerces_and_labels():
     method, params = methods.parse_choice("gptq:bits=8:act_order=true")
     assert params["bits"] == 8 and params["act_order"] is True and params["group_size"] == 64
-    assert methods.label(method, params) == "gptq(bits=8, act_order=True)"
+    assert methods.parse("gptq:bits=8:act_order=true").label == "gptq(bits=8, act_order=True)"
     assert method.bits_for(params) == 8
 
 

@@ -98,6 +98,3 @@ def parse_choice(text: str) -> tuple[Method, dict]:
     choice = parse(text)
     return choice.method, choice.params
 
-
-def label(method: Method, params: dict) -> str:
-    return Choice(method, params).label
