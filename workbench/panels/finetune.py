@@ -27,7 +27,7 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
-from .. import methods, results
+from .. import executors, methods, results
 from ..config import EvalConfig, ModelSpec
 from ..errors import WorkbenchError
 from ..finetune import FinetuneConfig, merge_refusal
@@ -306,7 +306,8 @@ class MergeDeployPanel(Panel):
             raise WorkbenchError("deploy: nothing merged yet. Press Merge first: deployment quantizes the merged model.")
         tuned = self.merged_from
         session = runner.Session.open(tuned.spec, self.eval_cfg, job.write)
-        rows = finetune.deploy_compare(session, self.merge_report.merged_dir, (self.method.value,), tuned.adapter_dir, job.write)
+        rows = finetune.deploy_compare(session, self.merge_report.merged_dir, (self.method.value,), tuned.adapter_dir, job.write,
+                                       executors.InProcess())  # as ComparePanel: see panels/work.py
         results.append_history(rows, self.out_dir / "deploy.jsonl")
         return rows
 

@@ -4,10 +4,11 @@ They take the pickers they read from in their constructor (no globals), run the 
 call through `Job` (progress, status, captured log, cancel), and keep what it returned
 in `.result` / `.results` / `.figures` so tests and later cells can use it.
 
-ComparePanel measures each method in a fresh worker process (as the CLI does), so a
-button click and a Run All measure the same way, Cancel ends the running worker at once,
-and each finished method is in the history the moment it finishes. QuantizePanel keeps
-its model for the next cells, so it measures in this process (its row says so).
+ComparePanel appends each finished method to the history the moment it finishes. It
+measures in this process by default (rows say "in-process"): in the JupyterLab browser
+test, worker processes started from a button click's thread died from SIGTERM, which is
+not understood yet; `in_process=False` gives the CLI's fresh worker per method.
+QuantizePanel keeps its model for the next cells, so it measures in this process too.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class ComparePanel(Panel):
     """Run several methods one after another against the baseline; table, charts, export."""
 
     def __init__(self, model: ModelPicker, methods: MethodPicker, out_dir: str = "results",
-                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16), in_process: bool = False):
+                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16), in_process: bool = True):
         self.model_picker, self.method_picker, self.eval_cfg, self.in_process = model, methods, eval_cfg, in_process
         self.out_dir = Path(out_dir)
         self.button = widgets.Button(description="Compare", button_style="primary", icon="bar-chart")
