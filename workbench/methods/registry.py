@@ -65,18 +65,21 @@ class Choice:
     params: dict
     adapter: str | None = None
 
+    def _changed(self) -> list[str]:
+        """`key=value` for each parameter that differs from its default."""
+        return [f"{p.name}={self.params[p.name]}" for p in self.method.params if self.params.get(p.name, p.default) != p.default]
+
     @property
     def label(self) -> str:
         """A short display name: the method name plus the parameters that differ from defaults."""
-        changed = [f"{p.name}={self.params[p.name]}" for p in self.method.params if self.params.get(p.name, p.default) != p.default]
+        changed = self._changed()
         name = f"{self.method.name}({', '.join(changed)})" if changed else self.method.name
         return name + ("+lora" if self.adapter else "")
 
     @property
     def text(self) -> str:
         """The choice written back as `name:key=value` (non-default parameters only): `parse(text)` gives it again."""
-        changed = [f"{p.name}={self.params[p.name]}" for p in self.method.params if self.params.get(p.name, p.default) != p.default]
-        return ":".join([self.method.name, *changed])
+        return ":".join([self.method.name, *self._changed()])
 
 
 def parse(text: str, adapter: str | None = None) -> Choice:
