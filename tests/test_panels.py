@@ -75,6 +75,17 @@ def test_quantize_panel_states_result_and_model_replacement(model):
     assert panel.model is not first and panel.result.method == "fp32"
 
 
+def test_library_output_goes_to_the_panel_log_file_not_the_cell(model, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    panel = QuantizePanel(model, MethodPicker(device="cpu"), FAST)
+    panel.method.value = "bnb-int8"  # bitsandbytes logs a line on every 8-bit forward pass
+    panel.run()
+    out, err = capfd.readouterr()
+    assert "MatMul8bitLt" not in out + err
+    assert "MatMul8bitLt" in (tmp_path / "results" / "library.log").read_text()
+    assert "line(s) in results/library.log" in _log_text(panel.job)
+
+
 def test_errors_are_shown_in_the_panel_not_lost(tiny_folder):
     picker = ModelPicker(default="./no/such/model", device="cpu")
     panel = QuantizePanel(picker, MethodPicker(device="cpu"), FAST)
@@ -91,6 +102,7 @@ def test_compare_panel_table_charts_history_and_export(model, tmp_path):
     panel.button.click()
     assert panel.job.wait(300) == "done", panel.job.error
     assert [r.method for r in panel.results] == ["fp32", "bnb-nf4", "quanto-int8"]
+    assert {r.mode for r in panel.results} == {"worker"}  # each method in its own process, as in the CLI
     for name in ("fp32", "bnb-nf4", "quanto-int8", "Δ ppl %"):
         assert name in panel.table.value
     assert len(panel.figures) == 5

@@ -23,6 +23,7 @@ import shutil
 import signal
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, replace
 from multiprocessing import connection, get_context
 from pathlib import Path
@@ -186,10 +187,18 @@ def _last_words(task: _Task) -> str:
 def _worker_main(conn, source, device, eval_cfg, choice_text, adapter, method_module, scratch, threads) -> None:
     """A worker's whole life: imports, session, one evaluate, send the result, exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends this process
-    log_fd = os.open(os.path.join(scratch, "library.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
     os.chdir(scratch)
+    from .quiet import library_output
+
+    with library_output(Path(scratch) / "library.log"):
+        try:
+            _evaluate_and_send(conn, source, device, eval_cfg, choice_text, adapter, method_module, threads)
+        except Exception:
+            traceback.print_exc()  # into the library log, whose last line the parent reports
+            raise SystemExit(1)
+
+
+def _evaluate_and_send(conn, source, device, eval_cfg, choice_text, adapter, method_module, threads) -> None:
     import importlib
 
     import torch

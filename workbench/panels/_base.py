@@ -5,6 +5,8 @@ state also compares equal to its lowercase name) and every transition is kept in
 `Job.states`, so tests can click a button and assert the sequence. Work runs in a worker
 thread so the notebook stays responsive; output from that thread is written with
 `Output.append_stdout` (a `with out:` block from a thread loses or misroutes output).
+What libraries print while the work runs goes to a log file (`quiet.library_output`); the
+panel's log says how many lines and where.
 Works with ipywidgets 7.7.1 (Colab) and 8.x.
 """
 
@@ -15,11 +17,15 @@ import threading
 import time
 import traceback
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable
 
 import ipywidgets as widgets
 
 from ..errors import WorkbenchError
+from ..quiet import library_output
+
+LIBRARY_LOG = Path("results") / "library.log"
 
 
 class JobState(str, Enum):
@@ -43,8 +49,8 @@ class Job:
     """Runs `work(job)` on a button click, in a worker thread, then `on_done(result)`; shows what happens."""
 
     def __init__(self, button: widgets.Button, work: Callable[["Job"], Any], on_done: Callable[[Any], None],
-                 cancellable: bool = False):
-        self.button, self._work, self._on_done = button, work, on_done
+                 cancellable: bool = False, library_log: Path = LIBRARY_LOG):
+        self.button, self._work, self._on_done, self.library_log = button, work, on_done, Path(library_log)
         button.on_click(lambda _: self.start())
         self.status = widgets.HTML()
         self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="200px", visibility="hidden"))
@@ -81,7 +87,11 @@ class Job:
     def _run(self) -> None:
         started = time.perf_counter()
         try:
-            result = self._work(self)
+            lines_before = _line_count(self.library_log)
+            with library_output(self.library_log):
+                result = self._work(self)
+            if (lines := _line_count(self.library_log) - lines_before) > 0:
+                self.write(f"library messages: {lines} line(s) in {self.library_log}")
             self._on_done(result)
             state = JobState.CANCELLED if self._stop.is_set() else JobState.DONE
         except WorkbenchError as exc:
@@ -120,6 +130,14 @@ class Job:
         if self._thread is not None:
             self._thread.join(timeout)
         return self.state
+
+
+def _line_count(path: Path) -> int:
+    try:
+        with path.open("rb") as file:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
 
 
 def table_html(rows: list[dict]) -> str:

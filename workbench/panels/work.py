@@ -5,9 +5,8 @@ call through `Job` (progress, status, captured log, cancel), and keep what it re
 in `.result` / `.results` / `.figures` so tests and later cells can use it.
 
 ComparePanel appends each finished method to the history the moment it finishes. It
-measures in this process by default (rows say "in-process"): in the JupyterLab browser
-test, worker processes started from a button click's thread died from SIGTERM, which is
-not understood yet; `in_process=False` gives the CLI's fresh worker per method.
+measures each method in a fresh worker process, as the CLI does (rows say "worker"), so
+Cancel ends the running method at once; `in_process=True` measures in the kernel.
 QuantizePanel keeps its model for the next cells, so it measures in this process too.
 """
 
@@ -68,12 +67,12 @@ class ComparePanel(Panel):
     """Run several methods one after another against the baseline; table, charts, export."""
 
     def __init__(self, model: ModelPicker, methods: MethodPicker, out_dir: str = "results",
-                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16), in_process: bool = True):
+                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16), in_process: bool = False):
         self.model_picker, self.method_picker, self.eval_cfg, self.in_process = model, methods, eval_cfg, in_process
         self.out_dir = Path(out_dir)
         self.button = widgets.Button(description="Compare", button_style="primary", icon="bar-chart")
         self.rerun = widgets.Checkbox(value=False, description="re-run configurations already measured", indent=False)
-        self.job = Job(self.button, self._work, self._show, cancellable=True)
+        self.job = Job(self.button, self._work, self._show, cancellable=True, library_log=self.out_dir / "library.log")
         self.table = widgets.HTML()
         self.export_csv = widgets.Button(description="Export CSV", icon="download", disabled=True)
         self.export_json = widgets.Button(description="Export JSON", icon="download", disabled=True)
@@ -97,9 +96,7 @@ class ComparePanel(Panel):
     def _work(self, job: Job) -> list[results.Result]:
         session = self.model_picker.session(self.eval_cfg, job.write)
         previous = results.read_history(self.history, job.write)
-        library_log = self.out_dir / "library.log"
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with library_log.open("a", encoding="utf-8") as library:
+        with self.job.library_log.open("a", encoding="utf-8") as library:
             executor = executors.InProcess() if self.in_process else \
                 executors.WorkerProcesses(library_log=lambda line: library.write(line + "\n"))
             return runner.compare(session, self.method_picker.choices(), previous, self.rerun.value, job.write,
