@@ -196,6 +196,7 @@ def _worker_main(conn, source, device, eval_cfg, choice_text, adapter, method_mo
         except Exception:
             traceback.print_exc()  # into the library log, whose last line the parent reports
             raise SystemExit(1)
+    os._exit(0)  # the result is sent: skip the interpreter's teardown (seconds of freeing tensors one by one)
 
 
 def _evaluate_and_send(conn, source, device, eval_cfg, choice_text, adapter, method_module, threads) -> None:
