@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from . import files
 from .results import MB, Result, baseline_of, format_table
 
 BAR_METRICS = (
@@ -79,7 +80,7 @@ def write_report(results: list[Result], path: Path, left_out: list[str] = ()) ->
 <pre>{html.escape(format_table(results))}</pre>
 {f'<h3>Not run here</h3><ul>{notes}</ul>' if notes else ''}
 {''.join(parts)}</body></html>"""
-    path.write_text(page, encoding="utf-8")
+    files.write_text(path, page)  # atomically: a failed write leaves the previous report whole
 
 
 def mimebundle(fig) -> dict:

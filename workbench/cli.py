@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -28,16 +29,41 @@ DEFAULT_METHODS = ("fp32", "bnb-int8", "bnb-nf4", "bnb-fp4", "rtn", "gptq")
 and shows the ordering a learner comes for: 8-bit ~ fp32, GPTQ < NF4 < FP4 ~ round-to-nearest."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every `finally` runs: workers end, temporary folders go."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return args.run(args)
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
+        return _interrupted_status(exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _interrupted_status(exc: KeyboardInterrupt) -> int:
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+TRUST_HELP = "let the model's own Python code (its config's auto_map) run; off by default: such a model is refused"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,11 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--max-length", type=int, default=512, help="tokens per perplexity window (default 512)")
     cmp.add_argument("--stride", type=int, default=None, help="window step (default: = max-length, no overlap)")
     cmp.add_argument("--max-tokens", type=int, default=4096, help="evaluate on the first N tokens (0 = all; default 4096)")
+    cmp.add_argument("--allow-long-eval", action="store_true",
+                     help="measure an evaluation text of more than a million tokens (refused by default: hours per method)")
     cmp.add_argument("--decode-tokens", type=int, default=32, help="tokens generated to measure decode speed (0 = skip; else 8 or more)")
     cmp.add_argument("--jobs", type=int, default=1, help="methods measured at once, each in its own worker (default 1; refused when they would not fit in memory)")
     cmp.add_argument("--timeout", type=float, default=None, help="seconds one method may take before its worker is stopped (default: no limit)")
     cmp.add_argument("--in-process", action="store_true", help="measure in this process instead of a fresh worker per method")
     cmp.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    cmp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     cmp.add_argument("--out", default="results", help="output folder (default: results)")
     cmp.add_argument("--rerun", action="store_true", help="measure again configurations already in OUT/history.jsonl")
     cmp.set_defaults(run=_compare)
@@ -69,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument("--model", default="bundled")
     est.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the weight MB column is meant (GPU columns are always shown)")
     est.add_argument("--json", action="store_true")
+    est.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     est.set_defaults(run=_estimate)
     return parser
 
@@ -93,12 +123,13 @@ def _compare(args) -> int:
     from . import charts, executors, results, runner
     from .config import EvalConfig, ModelSpec
 
-    spec = ModelSpec(args.model, device=args.device)
-    eval_cfg = EvalConfig(max_length=args.max_length, stride=args.stride or args.max_length, max_tokens=args.max_tokens,
-                          text_path=args.eval_text, decode_tokens=args.decode_tokens)
+    spec = ModelSpec(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    stride = args.max_length if args.stride is None else args.stride  # --stride 0 is refused, not the default
+    eval_cfg = EvalConfig(max_length=args.max_length, stride=stride, max_tokens=args.max_tokens, text_path=args.eval_text,
+                          decode_tokens=args.decode_tokens, allow_long=args.allow_long_eval)
     choices, left_out = _choose_methods(args.methods, spec.resolved_device())
-    executor = executors.InProcess() if args.in_process else \
-        executors.WorkerProcesses(args.jobs, args.timeout, library_log=_log)
+    workers = executors.WorkerProcesses(args.jobs, args.timeout, library_log=_log)  # checks --jobs, --timeout in either mode
+    executor = executors.InProcess() if args.in_process else workers
     out = Path(args.out)
     _check_writable(out)
     session = runner.Session.open(spec, eval_cfg, _log)
@@ -116,10 +147,12 @@ def _compare(args) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # quantization libraries print progress: keep stdout for the table
             measured = runner.compare(session, choices, previous, args.rerun, _log, _progress_bar(), executor=executor,
                                       on_result=keep)
-    except KeyboardInterrupt:
-        print(f"interrupted: {len(finished)} finished result(s) kept in {history}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        word = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{word}: {len(finished)} finished result(s) kept in {history}", file=sys.stderr)
+        return _interrupted_status(exc)
     if any(r.error is None for r in measured):
+        out.mkdir(parents=True, exist_ok=True)
         results.write_json(measured, out / "results.json")
         results.write_csv(measured, out / "results.csv")
         charts.write_report(measured, out / "report.html", left_out)
@@ -134,14 +167,10 @@ def _compare(args) -> int:
 
 
 def _check_writable(out: Path) -> None:
-    """Before any work: the output folder can be created and written to."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".workbench-write-test"
-        probe.write_text("", encoding="utf-8")
-        probe.unlink()
-    except OSError as exc:
-        raise WorkbenchError(f"--out {str(out)!r}: cannot write there ({exc.strerror or exc}); give a folder you can write to.") from None
+    """Before any work: the output folder can be written to and has room (it is created at the first result)."""
+    from .files import check_writable
+
+    check_writable(out, f"--out {str(out)!r}")
 
 
 def _choose_methods(text: str | None, device: str) -> tuple[list, list[str]]:
@@ -190,7 +219,7 @@ def _estimate(args) -> int:
     from . import estimate, models
     from .config import ModelSpec
 
-    source = models.resolve(args.model, log=_log)
+    source = models.resolve(args.model, log=_log, trust_remote_code=args.trust_remote_code)
     models.check_causal_lm(source)
     device = ModelSpec(args.model, device=args.device).resolved_device()
     result = estimate.estimate(source, device=device)

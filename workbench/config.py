@@ -21,8 +21,12 @@ class ModelSpec:
     """`auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
     token: str | None = field(default=None, repr=False, compare=False)
     """Hugging Face token for gated models. Never printed, logged or stored."""
+    trust_remote_code: bool = False
+    """Allow Python code shipped with the model (its config's `auto_map`) to run; off: such a model is refused."""
 
     def __post_init__(self):
+        if not isinstance(self.trust_remote_code, bool):
+            raise WorkbenchError(f"trust_remote_code: must be True or False, got {self.trust_remote_code!r}.")
         if not self.name or not self.name.strip():
             raise WorkbenchError("model: empty name. Give a short name (e.g. 'bundled'), a hub id, a folder or a .gguf file.")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -55,6 +59,8 @@ class EvalConfig:
     """A UTF-8 text file to evaluate on; None = the built-in offline text (pydoc topics)."""
     decode_tokens: int = 32
     """New tokens generated to measure decode throughput (0 = skip the speed measurement; else at least 8)."""
+    allow_long: bool = False
+    """Measure an evaluation of more than `data.LONG_EVAL_TOKENS` tokens (refused by default: hours per method)."""
 
     def __post_init__(self):
         for name in ("max_length", "stride", "batch_size"):

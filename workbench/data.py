@@ -16,6 +16,13 @@ from .errors import WorkbenchError
 
 BUILTIN_NAME = "pydoc-topics"
 MIN_EVAL_TOKENS = 32
+LONG_EVAL_TOKENS = 1_000_000
+"""More evaluation tokens than this are refused unless asked for (hours per method); wikitext-2's
+test split, the GPTQ papers' protocol, is about 300k."""
+TOKENIZE_BYTES_PER_TOKEN = 650
+"""Peak memory of tokenizing, per token: a fast tokenizer keeps ids, offsets and token strings
+(measured on SmolLM2's tokenizer, 1.1M tokens: ~650 bytes each)."""
+DEFAULT_EVAL_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,26 @@ def eval_tokens(tokenizer, text: Text, max_tokens: int) -> list[int]:
     return ids
 
 
+def check_eval_length(tokenizer, text: Text, max_tokens: int, allow_long: bool = False) -> None:
+    """Refuse, before tokenizing it, an evaluation that would take hours and GBs (e.g. all of a
+    50 MB file), with the estimate and how to go ahead; `allow_long` goes ahead."""
+    if allow_long or 0 < max_tokens <= LONG_EVAL_TOKENS:
+        return
+    sample = text.text[:20_000]
+    chars_per_token = len(sample) / max(1, len(tokenizer(sample, add_special_tokens=False)["input_ids"]))
+    tokens = int(len(text.text) / chars_per_token)
+    if max_tokens:
+        tokens = min(tokens, max_tokens)
+    if tokens <= LONG_EVAL_TOKENS:
+        return
+    which = "all of it (--max-tokens 0)" if not max_tokens else f"--max-tokens {max_tokens:,}"
+    raise WorkbenchError(
+        f"eval text {text.name!r}: about {tokens:,} tokens to score with {which}; each method's evaluation would take "
+        f"{tokens / DEFAULT_EVAL_TOKENS:,.0f}x as long as with the default {DEFAULT_EVAL_TOKENS:,} tokens, and tokenizing it "
+        f"needs about {tokens * TOKENIZE_BYTES_PER_TOKEN / 2**30:.1f} GB of memory. Set --max-tokens (e.g. {DEFAULT_EVAL_TOKENS}), "
+        "or pass --allow-long-eval (EvalConfig(allow_long=True)) to measure it all.")
+
+
 def calibration_blocks(tokenizer, samples: int, block_tokens: int, text: Text | None = None) -> list[list[int]]:
     """`samples` consecutive blocks of exactly `block_tokens` token ids from the calibration text."""
     text = text or builtin_calibration_text()
@@ -125,6 +152,8 @@ def read_rows(path: Path) -> list[dict]:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WorkbenchError(f"fine-tuning data {str(path)!r}: not valid UTF-8 JSON lines / CSV ({exc}).") from None
+    except OSError as exc:
+        raise WorkbenchError(f"fine-tuning data {str(path)!r}: cannot read it ({exc.strerror or exc}).") from None
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip() for k in ("instruction", "response")):
             raise WorkbenchError(f"fine-tuning data {str(path)!r}, row {number}: needs non-empty 'instruction' and 'response' fields.")

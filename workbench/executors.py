@@ -10,7 +10,8 @@ the worker held after its imports), a crash (segfault, the OOM killer, a native 
 becomes an error row that names the signal, a stuck method ends at its timeout, and
 cancel ends the running worker at once. The parent never holds a model. The worker's
 library output (gptqmodel, bitsandbytes...) goes to `library_log`, not to the caller's
-stdout, and its working directory is a scratch folder (gptqmodel writes logs/ there).
+stdout, and its working directory and temporary folder are a scratch folder that the parent
+removes however the worker ends.
 
 `InProcess` measures in the calling process: for notebooks that keep a model. Rows say
 which mode measured them.
@@ -188,6 +189,9 @@ def _worker_main(conn, source, device, eval_cfg, choice_text, adapter, method_mo
     """A worker's whole life: imports, session, one evaluate, send the result, exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends this process
     os.chdir(scratch)
+    # Every temporary folder of this worker (the method's workdir, libraries' own) goes inside the
+    # scratch folder, which the parent removes however the worker ends (killed, timed out, Ctrl-C).
+    os.environ["TMPDIR"] = tempfile.tempdir = scratch
     from .quiet import library_output
 
     with library_output(Path(scratch) / "library.log"):

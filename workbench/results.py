@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from . import files
+
 MB = 1024 * 1024
 
 
@@ -105,11 +107,8 @@ class Result:
 
 def append_history(results: list[Result], path: Path) -> None:
     """One line per record, each written with a single flushed append: a crash leaves the whole line or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as out:
-        for result in results:
-            out.write(json.dumps(result.to_dict(), allow_nan=False) + "\n")
-            out.flush()
+    for result in results:
+        files.append_line(path, json.dumps(result.to_dict(), allow_nan=False))
 
 
 def read_history(path: Path, log=None) -> list[Result]:
@@ -214,7 +213,8 @@ def footnotes(results: list[Result]) -> list[str]:
 
 
 def write_json(results: list[Result], path: Path) -> None:
-    path.write_text(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False), encoding="utf-8")
+    """Replaced atomically: a failed write leaves the previous file whole."""
+    files.write_text(path, json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False))
 
 
 def write_csv(results: list[Result], path: Path) -> None:
@@ -224,7 +224,7 @@ def write_csv(results: list[Result], path: Path) -> None:
         for name in ("params", "protocol", "calibration", "environment"):
             row[name] = json.dumps(row[name], sort_keys=True)
         flat.append(row)
-    with path.open("w", newline="", encoding="utf-8") as out:
+    with files.atomic_open(path, newline="") as out:  # replaced atomically, like results.json
         writer = csv.DictWriter(out, fieldnames=list(flat[0]) if flat else ["method"])
         writer.writeheader()
         writer.writerows(flat)

@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from . import data, methods, models
+from . import data, methods, models, remote_code
 from . import measure as measuring
 from .config import EvalConfig, ModelSpec
 from .errors import WorkbenchError
@@ -55,11 +55,14 @@ class Session:
 
     @classmethod
     def open(cls, spec: ModelSpec, eval_cfg: EvalConfig, log: Callable[[str], None] = print) -> "Session":
-        return cls.from_source(models.resolve(spec.name, spec.token, log), spec.resolved_device(), eval_cfg)
+        source = models.resolve(spec.name, spec.token, log, trust_remote_code=spec.trust_remote_code)
+        return cls.from_source(source, spec.resolved_device(), eval_cfg)
 
     @classmethod
     def from_source(cls, source: models.ModelSource, device: str, eval_cfg: EvalConfig = EvalConfig()) -> "Session":
-        """Check the model is a causal LM that takes the protocol's windows, then tokenize the text."""
+        """Check the model runs no code it ships unless trusted and is a causal LM that takes the
+        protocol's windows, then tokenize the text."""
+        remote_code.check(source)  # again: a source built by hand (fine-tuning, workers) skips `resolve`
         config = models.check_causal_lm(source)
         context = models.context_length(config)
         if context is not None and eval_cfg.max_length > context:
@@ -67,6 +70,7 @@ class Session:
                                  f"{context} tokens; use --max-length {context} or less.")
         tokenizer = models.load_tokenizer(source)
         text = data.read_text_file(eval_cfg.text_path) if eval_cfg.text_path else data.builtin_eval_text()
+        data.check_eval_length(tokenizer, text, eval_cfg.max_tokens, eval_cfg.allow_long)
         ids = data.eval_tokens(tokenizer, text, eval_cfg.max_tokens)
         return cls(source, device, tokenizer, text, ids, measuring.expects_bos(tokenizer), eval_cfg,
                    models.fingerprint(source), hashlib.sha256(text.text.encode()).hexdigest()[:16])
@@ -215,9 +219,11 @@ def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] 
         with measuring.PeakMemory(session.device, whole_process=mode == "worker") as peak:
             built = build(session, choice, log)
             measured = measure(session, built, log, progress)
-    except Exception as exc:
+    except BaseException as exc:
         if built is not None:
-            built.close()
+            built.close()  # Ctrl-C and SIGTERM too: no working folder is left behind
+        if not isinstance(exc, Exception):
+            raise
         return Evaluated(failed(session, choice, _error_message(exc, choice, log), mode=mode))
     result = _result(session, built, measured, peak, mode)
     if keep:

@@ -84,6 +84,9 @@ class FinetuneConfig:
             if not (path.is_dir() or (path.is_file() and path.suffix in (".jsonl", ".csv"))):
                 raise WorkbenchError(f"finetune data_path {self.data_path!r}: not a folder or a .jsonl/.csv file. "
                                      "Give a file with instruction and response columns, or None for the bundled set.")
+            if path.is_dir() and not (path / "train.jsonl").is_file():
+                raise WorkbenchError(f"finetune data_path {self.data_path!r}: the folder has no train.jsonl. A data folder holds "
+                                     "train.jsonl (and optionally heldout.jsonl, prompts.json); or give one .jsonl/.csv file.")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import data as texts
-from .. import methods, models
+from .. import files, methods, models
 from ..errors import WorkbenchError
 from .config import CONFIG_FILE, FinetuneConfig
 from .data import encode
@@ -117,6 +117,8 @@ def merge_to_dequantized(source, adapter_dir, out_dir=None, device: str = "cpu",
     refusal = merge_refusal(config.base)
     if refusal:
         raise WorkbenchError(refusal)
+    out = Path(out_dir).expanduser() if out_dir else Path(adapter_dir).parent / "merged-fp16"
+    files.check_writable(out, f"merge out_dir {str(out)!r}")  # before the work, not after it
     tokenizer, heldout = _heldout_for(source, config)
     loss = lambda model: heldout_loss(model, heldout, tokenizer.pad_token_id)  # noqa: E731
     quantized = trained if trained is not None else load_adapter_model(source, adapter_dir, device, log)
@@ -137,7 +139,6 @@ def merge_to_dequantized(source, adapter_dir, out_dir=None, device: str = "cpu",
     if difference > tolerance:
         log(f"[merge] warning: merged fp loss {merged_loss:.4f} vs trained {adapter_loss:.4f} differs by more than {tolerance:.4f} "
             f"(the base's own quantization gap is {gap:.4f}); compare both before deploying the merge.")
-    out = Path(out_dir).expanduser() if out_dir else Path(adapter_dir).parent / "merged-fp16"
     merged.to(torch.float16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / MERGED_FROM_FILE).write_text(json.dumps({"adapter_dir": str(Path(adapter_dir).resolve()), "base": config.base}), encoding="utf-8")
@@ -158,7 +159,8 @@ def deploy_compare(session, merged_folder, methods: tuple[str, ...] = ("gptq",),
     merged_folder = Path(merged_folder)
     if adapter_dir is None:
         adapter_dir = json.loads((merged_folder / MERGED_FROM_FILE).read_text(encoding="utf-8"))["adapter_dir"]
-    merged = runner.Session.open(ModelSpec(str(merged_folder), device=session.device), session.eval, log)
+    merged_spec = ModelSpec(str(merged_folder), device=session.device, trust_remote_code=session.source.trust_remote_code)
+    merged = runner.Session.open(merged_spec, session.eval, log)
     rows = runner.compare(session, [adapter_choice(adapter_dir)], log=log, executor=executor)
     deployed = runner.compare(merged, list(methods), log=log, executor=executor)
     return rows + [replace(result, label=f"merged {result.label}") for result in deployed]

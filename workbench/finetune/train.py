@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import data as texts
-from .. import measure, methods, models
+from .. import files, measure, methods, models, remote_code
 from ..errors import WorkbenchError
 from .config import CONFIG_FILE, FinetuneConfig, refuse_untrainable
 from .data import collate, encode, split_example
@@ -221,6 +221,9 @@ def finetune(source: models.ModelSource, config: FinetuneConfig, device: str = "
              on_loss: Callable[[int, float], None] | None = None, should_stop: Callable[[], bool] | None = None,
              log: Callable[[str], None] = print) -> Finetuned:
     """Load the base, attach LoRA, evaluate, train, evaluate again, save the adapter."""
+    remote_code.check(source)  # before the tokenizer: no code shipped with the model runs unless trusted
+    if config.output_dir:  # found now, not after training with the adapter lost
+        files.check_writable(Path(config.output_dir).expanduser(), f"finetune output_dir {config.output_dir!r}")
     tokenizer = models.load_tokenizer(source)
     train_rows, heldout_rows, prompts = texts.load_rows(config.data_path)
     train_set = encode(tokenizer, config.prompt_template, train_rows, config.max_seq_len)
@@ -248,6 +251,9 @@ def save_adapter(model, config: FinetuneConfig) -> Path:
     """Adapter weights plus the config that made them (reload and merge read it back)."""
     root = Path(config.output_dir).expanduser() if config.output_dir else Path(tempfile.mkdtemp(prefix="workbench-finetune-"))
     folder = root / "adapter"
-    model.save_pretrained(folder)
-    (folder / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+    try:
+        model.save_pretrained(folder)
+    except OSError as exc:
+        raise files.write_error(folder, exc, "cannot save the adapter") from None
+    files.write_text(folder / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
     return folder

@@ -11,7 +11,7 @@ def _baseline(name: str, dtype_name: str, bits: int, summary: str) -> Method:
         name=name, family="baseline", bits=bits, summary=summary, kernel="torch", trainable=True,
         quantize=lambda request: models.load_model(request.source, request.device, dtype=_dtype(dtype_name)),
         save=lambda model, folder: model.save_pretrained(folder),
-        reload=lambda folder, request: models.load_model(models.ModelSource(name, str(folder)), request.device, dtype=_dtype(dtype_name)),
+        reload=lambda folder, request: models.load_model(request.source.saved_copy(folder, name), request.device, dtype=_dtype(dtype_name)),
         storage=lambda method, params, device: (bits, bits),
         limits=() if bits == 32 else ("10-15x slower than fp32 on CPU: half-precision matmuls are not accelerated there.",),
     )

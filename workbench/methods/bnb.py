@@ -71,7 +71,7 @@ def _bnb(name: str, bits: int, summary: str, make_config, params: tuple[Param, .
         prepare_for_training=prepare_for_training,
         quantize=lambda request: load(request.source, request),
         save=lambda model, folder: model.save_pretrained(folder),
-        reload=lambda folder, request: load(models.ModelSource(name, str(folder)), request),
+        reload=lambda folder, request: load(request.source.saved_copy(folder, name), request),
     )
 
 

@@ -12,8 +12,11 @@ error-correcting calibration buys at the same bits and group size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+import threading
 from pathlib import Path
 
 from .. import models
@@ -43,19 +46,44 @@ def quantize_with_gptqmodel(request, method: str, config, backend=None):
     from gptqmodel import GPTQModel
 
     check_group_size(method, request.params["group_size"], request.source)
-    model = GPTQModel.load(request.source.location, config, device=request.device)
-    calibration = None
-    if request.calibration is not None:
-        calibration = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in request.calibration]
-    kwargs = {"backend": backend} if backend else {}
-    model.quantize(calibration, batch_size=1, **kwargs)
-    model.save(str(request.workdir))
-    del model
+    with _logs_outside_cwd():
+        model = GPTQModel.load(request.source.location, config, device=request.device,
+                               trust_remote_code=request.source.trust_remote_code)
+        calibration = None
+        if request.calibration is not None:
+            calibration = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in request.calibration]
+        kwargs = {"backend": backend} if backend else {}
+        model.quantize(calibration, batch_size=1, **kwargs)
+        model.save(str(request.workdir))
+        del model
     return reload_quantized(request.workdir, request)
 
 
+_LOG_DIR_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _logs_outside_cwd():
+    """gptqmodel 7.6 writes each processor's log to `logs/` in the working directory (the module
+    constant `looper.loop_processor._PROJECT_LOG_DIR`; no option or environment variable sets it).
+    Point it at a temporary folder, removed afterwards: what it logs also goes to its logger.
+    The constant is process-wide, so one gptqmodel quantization runs at a time per process
+    (two would compete for the same cores anyway)."""
+    from gptqmodel.looper import loop_processor
+
+    with _LOG_DIR_LOCK:
+        previous = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+        folder = Path(tempfile.mkdtemp(prefix="workbench-gptqmodel-logs-"))
+        loop_processor._PROJECT_LOG_DIR = folder / "logs"
+        try:
+            yield
+        finally:
+            loop_processor._PROJECT_LOG_DIR = previous
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def reload_quantized(folder, request):
-    return models.load_model(models.ModelSource(request.source.label, str(folder)), request.device)
+    return models.load_model(request.source.saved_copy(folder), request.device)
 
 
 def _gptq_config(params):

@@ -32,7 +32,7 @@ def _quanto(weights: str, bits: int, summary: str) -> Method:
     def reload(folder, request):
         from optimum.quanto import QuantizedModelForCausalLM
 
-        return QuantizedModelForCausalLM.from_pretrained(str(folder))._wrapped.to(request.device)
+        return QuantizedModelForCausalLM.from_pretrained(str(folder), trust_remote_code=request.source.trust_remote_code)._wrapped.to(request.device)
 
     def storage(method, params, device):
         """int8/float8: one scale per row; int4/int2: per group of 64 a scale in the compute dtype and an

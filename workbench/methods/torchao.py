@@ -43,7 +43,7 @@ def _torchao(name: str, bits: int, summary: str, make_config, params=(), devices
         trainable=bits == 8, kernel="torchao", storage=_storage,
         quantize=lambda request: load(request.source, request),
         save=lambda model, folder: model.save_pretrained(folder, safe_serialization=False),
-        reload=lambda folder, request: models.load_model(models.ModelSource(name, str(folder)), request.device),
+        reload=lambda folder, request: models.load_model(request.source.saved_copy(folder, name), request.device),
     )
 
 

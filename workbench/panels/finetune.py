@@ -167,7 +167,8 @@ class FineTunePanel(Panel):
             config = replace(config, output_dir=str(self.out_dir / "adapters" / datetime.now().strftime("%Y%m%d-%H%M%S")))
         spec = self.model_picker.spec()
         self.release()  # free the previous run's model (and its GPU memory) first
-        device, source = spec.resolved_device(), models.resolve(spec.name, spec.token, job.write)
+        device = spec.resolved_device()
+        source = models.resolve(spec.name, spec.token, job.write, trust_remote_code=spec.trust_remote_code)
         self.losses, self._peak = [], 0
         self._redraw(config.max_steps, "waiting for the first step (loading and evaluating before training)")
         self._started = time.perf_counter()

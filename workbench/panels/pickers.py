@@ -45,23 +45,26 @@ class ModelPicker(Panel):
                                    description="Hub id / path")
         self.token = widgets.Password(description="HF token", placeholder="only for gated models")
         self.device = widgets.Dropdown(options=["auto", "cpu", "cuda"], value=device, description="Device")
+        # Off by default: a model whose config names its own Python code is refused (workbench.remote_code).
+        self.trust_remote_code = widgets.Checkbox(value=False, description="trust remote code", indent=False)
         self.button = self.estimate_button = widgets.Button(description="Will it fit?", icon="calculator")
         self.job = Job(self.button, self._estimate, self._show_estimate)
         self.estimate_view = widgets.HTML()
-        self.widget = widgets.VBox([widgets.HBox([self.choice, self.device]), widgets.HBox([self.custom, self.token]),
+        self.widget = widgets.VBox([widgets.HBox([self.choice, self.device]), widgets.HBox([self.custom, self.token, self.trust_remote_code]),
                                     self.job.widget, self.estimate_view])
         self._sessions: dict = {}
 
     def spec(self) -> ModelSpec:
         name = CURATED[self.choice.value] or self.custom.value.strip()
-        return ModelSpec(name=name, device=self.device.value, token=self.token.value or None)
+        return ModelSpec(name=name, device=self.device.value, token=self.token.value or None,
+                         trust_remote_code=self.trust_remote_code.value)
 
     def session(self, eval_cfg: EvalConfig, log=print):
         """The shared runner session for the current choice (opened once per model and protocol)."""
         from .. import runner
 
         spec = self.spec()
-        key = (spec.name, spec.device, eval_cfg)
+        key = (spec.name, spec.device, spec.trust_remote_code, eval_cfg)
         if key not in self._sessions:
             self._sessions = {key: runner.Session.open(spec, eval_cfg, log)}  # keep one: tokenizers are not small
         return self._sessions[key]
@@ -70,7 +73,7 @@ class ModelPicker(Panel):
         from .. import estimate, models
 
         spec = self.spec()
-        source = models.resolve(spec.name, spec.token, job.write)
+        source = models.resolve(spec.name, spec.token, job.write, trust_remote_code=spec.trust_remote_code)
         models.check_causal_lm(source)
         return estimate.estimate(source, device=spec.resolved_device())
 

@@ -1,0 +1,563 @@
+"""Hostile input: everything a careless or unlucky user can give the workbench, refused with one
+`error:` line and exit status 2 before any work, with the output folder and its history left
+as they were; and what must survive a kill, a full disk or a damaged file.
+
+The table below is README's "What the workbench refuses". Each case runs the real CLI
+(`workbench.cli.main`) on the tiny model, against an output folder that already holds a
+finished comparison, and compares that folder's files before and after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from workbench import files, models, results, runner
+from workbench.cli import main
+from workbench.config import EvalConfig
+from workbench.errors import WorkbenchError
+
+FAST = ["--max-length", "64", "--max-tokens", "64", "--decode-tokens", "0", "--in-process"]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path -> sha256); {} when the folder does not exist."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(err: str, message: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def assert_history_extended(before: bytes, after_path: Path) -> list[results.Result]:
+    """The old history is a prefix of the new one, and every line of the new one is a record."""
+    after = after_path.read_bytes()
+    assert after.startswith(before)
+    skipped = []
+    records = results.read_history(after_path, skipped.append)
+    assert not skipped, skipped
+    return records
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def finished_out(tmp_path_factory, tiny_folder):
+    """An output folder holding one finished comparison (results files and a history line)."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    assert main(["compare", "--model", str(tiny_folder), "--methods", "fp32", "--out", str(out), *FAST]) == 0
+    return out
+
+
+@dataclass
+class Case:
+    """What one case needs: its own folder, the tiny model, a copy of a finished output folder."""
+
+    tmp: Path
+    tiny: Path
+    out: Path
+    monkeypatch: pytest.MonkeyPatch
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def model_copy(self, name: str = "model", config_text: str | None = None, **config_changes) -> Path:
+        """The tiny model's folder with its config changed (weights linked, not copied)."""
+        folder = self.tmp / name
+        folder.mkdir()
+        for file in self.tiny.iterdir():
+            if file.name != "config.json":
+                (folder / file.name).symlink_to(file)
+        config = json.loads((self.tiny / "config.json").read_text())
+        config.update(config_changes)
+        (folder / "config.json").write_text(config_text if config_text is not None else json.dumps(config))
+        return folder
+
+    def file(self, name: str, data: bytes) -> Path:
+        path = self.tmp / name
+        path.write_bytes(data)
+        return path
+
+
+@pytest.fixture
+def case(tmp_path, tiny_folder, finished_out, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    shutil.copytree(finished_out, out)
+    made = Case(tmp_path, tiny_folder, out, monkeypatch)
+    with made.stack:
+        yield made
+
+
+def _mount(*argv) -> bool:
+    return shutil.which("mount") is not None and subprocess.run(["mount", *argv], capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    """`folder` made read-only for this process: permissions for a normal user, a read-only
+    bind mount for root (whom permissions do not stop)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+        return
+    if not _mount("--bind", str(folder), str(folder)):
+        pytest.skip("root without mount: cannot make a read-only folder here")
+    try:
+        if not _mount("-o", "remount,bind,ro", str(folder)):
+            pytest.skip("cannot remount read-only here")
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path, size_kb: int = 2048, leave_kb: int = 0):
+    """A small tmpfs at `folder` filled up to `leave_kb` free (root only: nothing else can mount)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not _mount("-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)):
+        pytest.skip("needs root to mount a small tmpfs that fills up")
+    try:
+        with (folder / "filler").open("wb") as filler:
+            with contextlib.suppress(OSError):
+                filler.write(b"\0" * max(0, size_kb - leave_kb) * 1024)
+                filler.flush()
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+# ---------------------------------------------------------------------------- the table
+
+def _gguf_cache_damaged(c: Case) -> list:
+    """A .gguf whose converted copy in the cache has a weight file cut short."""
+    gguf = c.file("model.gguf", b"GGUF" + b"\0" * 60)
+    cached = models.gguf_cache_folder(gguf)
+    shutil.copytree(c.tiny, cached)
+    weights = cached / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: 1 << 20])
+    return ["--model", gguf]
+
+
+def _hub_unreachable(c: Case) -> list:
+    from huggingface_hub import constants
+
+    c.monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    c.monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # RFC 2606: never resolves
+    return ["--model", "some-org/some-model"]
+
+
+def _truncated_gguf(c: Case) -> list:
+    with models.bundled_gguf().open("rb") as whole:
+        return ["--model", c.file("cut.gguf", whole.read(5 * 2**20))]
+
+
+def _in_tmp(c: Case, argv: list) -> list:
+    c.monkeypatch.chdir(c.tmp)  # where `out/` exists
+    return argv
+
+
+def _out_read_only(c: Case) -> list:
+    c.stack.enter_context(read_only(c.out))
+    return ["--out", c.out]
+
+
+def _out_full(c: Case) -> list:
+    disk = c.stack.enter_context(full_disk(c.tmp / "disk"))
+    return ["--out", disk / "out"]
+
+
+CASES = [
+    # (id, extra argv or a function of the case, message in the error line)
+    ("unknown method after a good one", ["--methods", "fp32,nope"], "unknown method 'nope'"),
+    ("no method named", ["--methods", ","], "no method named"),
+    ("unsupported parameter value", ["--methods", "gptq:bits=5"], "bits=5 is not supported"),
+    ("nan parameter", ["--methods", "gptq:damp=nan"], "must be a finite number"),
+    ("inf parameter", ["--methods", "bnb-int8:threshold=inf"], "must be a finite number"),
+    ("unknown parameter", ["--methods", "gptq:colour=red"], "unknown parameter(s) colour"),
+    ("parameter without a value", ["--methods", "gptq:bits"], "written name:key=value"),
+    ("stride 0", ["--stride", "0"], "stride: must be a positive integer"),
+    ("negative stride", ["--stride", "-64"], "stride: must be a positive integer"),
+    ("stride above the window", ["--stride", "4096"], "larger than max_length"),
+    ("window beyond the context", ["--max-length", "4096"], "beyond"),
+    ("decode tokens too few to time", ["--decode-tokens", "3"], "too few to time"),
+    ("negative max tokens", ["--max-tokens", "-1"], "must be 0 or more"),
+    ("no worker processes", ["--jobs", "0"], "--jobs"),
+    ("negative timeout", ["--timeout", "-5"], "--timeout"),
+    ("--out is a file", lambda c: ["--out", c.file("a-file", b"x")], "cannot write there"),
+    ("--out below a file", lambda c: ["--out", c.file("a-file", b"x") / "sub"], "cannot write there"),
+    ("--out read-only", _out_read_only, "cannot write there"),
+    ("--out on a full disk", _out_full, "the disk is full"),
+    ("relative path that does not exist", ["--model", "./no/such/model"], "read as a path"),
+    ("x/y where x exists", lambda c: _in_tmp(c, ["--model", "out/no-such-model"]), "read as a path"),
+    ("home path", ["--model", "~/no-such-workbench-model"], "read as a path"),
+    ("absolute path", ["--model", "/no/such/workbench-model"], "read as a path"),
+    ("backslash path", ["--model", "models\\tiny"], "read as a path"),
+    ("hub unreachable", _hub_unreachable, "cannot be reached"),
+    ("a file that is not a model", lambda c: ["--model", c.file("notes.txt", b"hello")], "a file, not a model folder"),
+    ("folder without config.json", lambda c: ["--model", c.out], "has no config.json"),
+    ("config.json not JSON", lambda c: ["--model", c.model_copy(config_text="{not json")], "not valid JSON"),
+    ("config.json a list", lambda c: ["--model", c.model_copy(config_text="[1, 2]")], "not an object"),
+    ("config value of the wrong type", lambda c: ["--model", c.model_copy(hidden_size="big")], "hidden_size"),
+    ("weights cut short", lambda c: ["--model", _cut_weights(c)], "cut short"),
+    ("missing .gguf", ["--model", "no-such.gguf"], "no such .gguf file"),
+    ("empty .gguf", lambda c: ["--model", c.file("empty.gguf", b"")], "the file is empty"),
+    ("random bytes .gguf", lambda c: ["--model", c.file("random.gguf", os.urandom(4096))], "not a GGUF file"),
+    ("truncated .gguf", _truncated_gguf, "cannot read it as a GGUF model"),
+    ("damaged conversion cache", _gguf_cache_damaged, "rm -rf"),
+    ("eval text missing", ["--eval-text", "/no/such.txt"], "no such file"),
+    ("eval text empty", lambda c: ["--eval-text", c.file("e.txt", b" \n")], "the file is empty"),
+    ("eval text not UTF-8", lambda c: ["--eval-text", c.file("b.txt", b"\xff\xfe\x00\x80")], "not UTF-8"),
+    ("eval text too short", lambda c: ["--eval-text", c.file("s.txt", b"Too short.")], "at least 32"),
+    ("all of a 50 MB eval text", lambda c: ["--eval-text", _big_text(c), "--max-tokens", "0"], "--allow-long-eval"),
+    ("2M tokens of an eval text", lambda c: ["--eval-text", _big_text(c), "--max-tokens", "2000000"], "--allow-long-eval"),
+]
+
+
+def _cut_weights(c: Case) -> Path:
+    folder = c.model_copy()
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").write_bytes((c.tiny / "model.safetensors").read_bytes()[:4096])
+    return folder
+
+
+def _big_text(c: Case) -> Path:
+    paragraph = "Quantization stores the weights of a neural network with fewer bits, so it fits and runs faster. "
+    return c.file("big.txt", (paragraph * (50 * 2**20 // len(paragraph))).encode())
+
+
+@pytest.mark.parametrize("argv,message", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_refused_with_one_error_line_and_nothing_touched(capsys, case, argv, message):
+    extra = argv(case) if callable(argv) else argv
+    argv = ["compare", "--model", case.tiny, "--methods", "fp32", "--out", case.out, *FAST, *extra]
+    before = snapshot(case.out)
+    start = time.monotonic()
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert_one_error_line(err, message)
+    assert snapshot(case.out) == before
+    assert time.monotonic() - start < 30  # refused, not measured (nor retried for half a minute)
+    assert not list((case.tmp / "cache").glob("*.partial"))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda c: c.model_copy(config_text="{not json"), "not valid JSON"),
+    (lambda c: c.model_copy(hidden_size="big"), "hidden_size"),
+    (lambda c: c.model_copy(num_attention_heads=3), "not a multiple of the number of attention heads"),
+    (lambda c: c.model_copy(intermediate_size=-1), "cannot build the model"),
+    (lambda c: c.file("empty.gguf", b""), "the file is empty"),
+], ids=["not JSON", "wrong type", "inconsistent values", "negative size", "empty gguf"])
+def test_estimate_refuses_broken_models_with_one_line(capsys, case, make, message):
+    code, out, err = run(capsys, "estimate", "--model", make(case))
+    assert code == 2 and out == ""
+    assert_one_error_line(err, message)
+
+
+def test_a_refused_run_creates_no_output_folder(capsys, case):
+    fresh = case.tmp / "fresh" / "out"
+    code, _, err = run(capsys, "compare", "--model", case.tiny, "--methods", "fp32,nope", "--out", fresh, *FAST)
+    assert code == 2 and not (case.tmp / "fresh").exists()
+
+
+# ---------------------------------------------------------------------------- history keyed by content
+
+def _same_model_other_weights(tiny: Path, folder: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny, folder)
+    tensors = load_file(tiny / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_history_is_keyed_by_content_not_by_name(capsys, case):
+    """`models/tiny` and `models2/tiny` (other weights) are two models; a copy of one is the same model;
+    two merged fine-tunes both named merged-fp16 are two models."""
+    first = shutil.copytree(case.tiny, case.tmp / "models" / "tiny")
+    other = _same_model_other_weights(case.tiny, case.tmp / "models2" / "tiny")
+    copy = shutil.copytree(first, case.tmp / "copy" / "tiny")
+    out = case.tmp / "o"
+    measure = lambda model: run(capsys, "compare", "--model", model, "--methods", "fp32", "--out", out, *FAST)  # noqa: E731
+    assert measure(first)[0] == 0
+    code, table, err = measure(other)
+    assert code == 0 and "reusing" not in err
+    code, table, err = measure(copy)
+    assert code == 0 and "reused from" in table
+    merged_a = _same_model_other_weights(case.tiny, case.tmp / "run-a" / "merged-fp16")
+    merged_b = shutil.copytree(case.tiny, case.tmp / "run-b" / "merged-fp16")
+    prints = [models.fingerprint(models.resolve(str(f))) for f in (first, other, copy, merged_a, merged_b)]
+    assert prints[0] != prints[1] and prints[0] == prints[2] == prints[4] and prints[1] == prints[3]
+    assert len(assert_history_extended(b"", out / "history.jsonl")) == 2
+
+
+def test_fingerprint_hashes_are_cached_by_path_size_and_mtime(case):
+    """The second call reads no weights: content rewritten behind the same size and mtime is not seen
+    (the cache answers); a new mtime is."""
+    folder = shutil.copytree(case.tiny, case.tmp / "m")
+    weights = folder / "model.safetensors"
+    old = time.time_ns() - 60 * 10**9
+    os.utime(weights, ns=(old, old))
+    source = models.resolve(str(folder))
+    first = models.fingerprint(source)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(old, old))
+    assert models.fingerprint(source) == first  # from the cache: the weights were not read again
+    os.utime(weights, ns=(old + 10**9, old + 10**9))
+    assert models.fingerprint(source) != first
+    cache = json.loads((case.tmp / "cache" / models.FINGERPRINT_CACHE).read_text())
+    assert str(weights.resolve()) in cache
+
+
+def test_eval_text_and_decode_tokens_are_part_of_the_key(case):
+    a, b = case.tmp / "a", case.tmp / "b"
+    for folder, words in ((a, "alpha beta gamma "), (b, "delta epsilon zeta ")):
+        folder.mkdir()
+        (folder / "eval.txt").write_text(words * 200)
+    source = models.resolve(str(case.tiny))
+    keys = set()
+    for text, decode in ((a, 0), (b, 0), (a, 8)):
+        session = runner.Session.from_source(source, "cpu", EvalConfig(max_length=64, stride=64, max_tokens=64,
+                                                                         text_path=str(text / "eval.txt"), decode_tokens=decode))
+        keys.add(runner.planned_key(session, runner.as_choice("fp32")))
+    assert len(keys) == 3
+
+
+# ---------------------------------------------------------------------------- history that cannot break
+
+def test_damaged_history_lines_are_skipped_named_and_kept(capsys, case):
+    history = case.out / "history.jsonl"
+    good = history.read_text(encoding="utf-8").splitlines()[0]
+    older = json.dumps({**json.loads(good), "schema": 1})
+    damaged = ("\ufeff" + good + "\n" + "garbage, not json\n" + older + "\n" + good[: len(good) // 2]).encode("utf-8")
+    history.write_bytes(damaged)  # the last line was cut short by a crash: no newline
+    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", "fp32,bnb-int8", "--out", case.out, *FAST)
+    assert code == 0 and "reused from" in table  # the first (BOM) line is still a usable record
+    assert "skipped 3 line(s)" in err and "line 2, 3, 4" in err
+    after = history.read_bytes()
+    assert after.startswith(damaged)
+    lines = after.decode("utf-8").splitlines()
+    assert len(lines) == 5 and json.loads(lines[-1])["method"] == "bnb-int8"  # on its own line, whole
+
+
+def test_nothing_succeeded_keeps_the_results_files_and_extends_history(capsys, case):
+    before = snapshot(case.out)
+    history = (case.out / "history.jsonl").read_bytes()
+    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", "torchao-int4", "--out", case.out, *FAST)
+    assert code == 1 and "left as they were" in table
+    after = snapshot(case.out)
+    assert {k: v for k, v in after.items() if k != "history.jsonl"} == {k: v for k, v in before.items() if k != "history.jsonl"}
+    (row,) = assert_history_extended(history, case.out / "history.jsonl")[1:]
+    assert "cuda only" in row.error
+
+
+def test_duplicate_choices_are_measured_once(capsys, case):
+    out = case.tmp / "o"
+    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", "fp32,fp32,bnb-int8:threshold=6.0,bnb-int8",
+                           "--out", out, *FAST)
+    assert code == 0 and err.count("named twice") == 2
+    assert [r.method for r in results.read_history(out / "history.jsonl")] == ["fp32", "bnb-int8"]
+
+
+# ---------------------------------------------------------------------------- writes that cannot half-happen
+
+def test_atomic_writes_leave_the_old_file_whole(tmp_path):
+    target = tmp_path / "results.json"
+    target.write_text("old", encoding="utf-8")
+    with pytest.raises(RuntimeError):
+        with files.atomic_open(target) as out:
+            out.write("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    files.write_text(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_full_disk_is_one_clear_error_and_the_old_files_stay_whole(tmp_path):
+    with full_disk(tmp_path / "disk", size_kb=1024, leave_kb=64) as disk:
+        target = disk / "report.html"
+        target.write_text("old report", encoding="utf-8")
+        with pytest.raises(WorkbenchError, match="the disk is full"):
+            files.write_text(target, "x" * 2**20)
+        assert target.read_text() == "old report" and sorted(p.name for p in disk.iterdir()) == ["filler", "report.html"]
+        history = disk / "history.jsonl"
+        history.write_text('{"a": 1}\n', encoding="utf-8")
+        with pytest.raises(WorkbenchError, match="the disk is full"):
+            files.append_line(history, "y" * 2**20)
+        (disk / "filler").unlink()  # space again: the next record starts on a line of its own
+        files.append_line(history, '{"b": 2}')
+        assert history.read_text().splitlines()[0] == '{"a": 1}' and history.read_text().splitlines()[-1] == '{"b": 2}'
+
+
+# ---------------------------------------------------------------------------- conversions
+
+def _write_tiny_gguf(path: Path) -> Path:
+    """A 1-block Llama GGUF (f32 tensors) with the bundled model's tokenizer: converts in seconds."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    source = GGUFReader(models.bundled_gguf())
+    writer = GGUFWriter(str(path), "llama")
+    hidden, ff, heads, kv_heads = 64, 128, 4, 2
+    sizes = {"llama.block_count": 1, "llama.embedding_length": hidden, "llama.feed_forward_length": ff,
+             "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
+             "llama.rope.dimension_count": hidden // heads, "llama.context_length": 1024}
+    for key, entry in source.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantization_version"):
+            continue
+        sub_type = entry.types[1] if entry.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, sizes.get(key, entry.contents()), entry.types[0], sub_type=sub_type)
+    rng = np.random.default_rng(0)
+    weight = lambda *shape: (rng.standard_normal(shape) * 0.02).astype(np.float32)  # noqa: E731
+    writer.add_tensor("token_embd.weight", weight(int(source.fields["llama.vocab_size"].contents()), hidden))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    kv = kv_heads * hidden // heads
+    for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
+                        ("attn_output", (hidden, hidden)), ("ffn_gate", (ff, hidden)), ("ffn_up", (ff, hidden)),
+                        ("ffn_down", (hidden, ff))):
+        writer.add_tensor(f"blk.0.{name}.weight", weight(*shape))
+    for name in ("attn_norm", "ffn_norm"):
+        writer.add_tensor(f"blk.0.{name}.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_two_first_time_conversions_of_one_gguf_take_turns(case):
+    gguf = _write_tiny_gguf(case.tmp / "tiny.gguf")
+    start, logs, sources = threading.Barrier(2), [], []
+
+    def convert():
+        start.wait()
+        sources.append(models.resolve(str(gguf), log=logs.append))
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert len(sources) == 2 and sources[0].location == sources[1].location
+    assert sum("Converting" in line for line in logs) == 1 and any("waiting" in line for line in logs), logs
+    assert not list((case.tmp / "cache").glob("*.partial"))
+    assert models.model_files.folder_problem(Path(sources[0].location)) is None
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+def test_finetune_data_folder_without_train_jsonl_is_refused(tmp_path):
+    from workbench import finetune as ft
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "heldout.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
+    with pytest.raises(WorkbenchError, match="no train.jsonl") as refused:
+        ft.FinetuneConfig(data_path=str(tmp_path / "data"))
+    assert "\n" not in str(refused.value)
+
+
+def test_finetune_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, tiny_folder):
+    from workbench import finetune as ft
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    steps = []
+    with read_only(locked):
+        config = ft.FinetuneConfig(base="fp32", max_steps=1, output_dir=str(locked / "run"), max_new_tokens=0)
+        with pytest.raises(WorkbenchError, match="cannot write there") as refused:
+            ft.finetune(models.resolve(str(tiny_folder)), config, on_loss=lambda step, loss: steps.append(step), log=lambda m: None)
+    assert steps == [] and "\n" not in str(refused.value)  # no training step ran
+    assert list(locked.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- interrupted runs and stray files
+
+def _cli(tmp_path: Path, argv: list) -> subprocess.Popen:
+    """The CLI in its own process, its temporary folder and working directory inside `tmp_path`."""
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "cwd").mkdir()
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import custom_method; from workbench.cli import main; "
+              "sys.exit(main(sys.argv[2:]))")
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-c", script, str(TESTS), *map(str, argv)], cwd=tmp_path / "cwd", env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _workdirs(tmp: Path) -> list[Path]:
+    return [p for p in tmp.rglob("workbench-*") if p.is_dir()]
+
+
+@pytest.mark.parametrize("sig,mode,status,word", [
+    (signal.SIGINT, ["--in-process"], 130, "interrupted"),
+    (signal.SIGTERM, [], 143, "terminated"),
+], ids=["ctrl-c in-process", "sigterm with workers"])
+def test_a_stopped_run_keeps_what_finished_and_removes_its_temporary_folders(tmp_path, tiny_folder, sig, mode, status, word):
+    out = tmp_path / "out"
+    argv = ["compare", "--model", tiny_folder, "--methods", "fp32,test-hang", "--out", out, *FAST[:-1], *mode]
+    cli = _cli(tmp_path, argv)
+    history = out / "history.jsonl"
+    _wait_for(lambda: history.is_file() and history.read_text().strip())
+    # the hanging method is inside its build: its working folder exists (in a worker: inside the worker's scratch)
+    _wait_for(lambda: any(not p.name.startswith("workbench-worker-") for p in _workdirs(tmp_path / "tmp")))
+    cli.send_signal(sig)
+    _, err = cli.communicate(timeout=60)
+    assert cli.returncode == status, err
+    assert f"{word}: 1 finished result(s) kept in {history}" in err and "Traceback" not in err
+    assert [r.method for r in assert_history_extended(b"", history)] == ["fp32"]
+    assert _workdirs(tmp_path / "tmp") == []
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_gptqmodel_writes_no_logs_into_the_working_directory(capsys, case, monkeypatch):
+    cwd = case.tmp / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code, _, err = run(capsys, "compare", "--model", case.tiny, "--methods", "rtn", "--out", case.tmp / "o", *FAST)
+    assert code == 0, err
+    assert list(cwd.iterdir()) == []
+
+
+def test_no_logs_are_tracked_in_the_repository():
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "logs"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert tracked == ""
+    ignored = subprocess.run(["git", "check-ignore", "logs/x.log"], cwd=REPO, capture_output=True, text=True)
+    assert ignored.returncode == 0
