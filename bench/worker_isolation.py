@@ -12,11 +12,14 @@ Ratios are printed last. Run: .venv/bin/python bench/worker_isolation.py [--meth
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 from workbench import executors, runner
 from workbench.cli import DEFAULT_METHODS
 from workbench.config import EvalConfig, ModelSpec
+from workbench.quiet import library_output
 
 MB = 2**20
 
@@ -40,9 +43,12 @@ def main() -> None:
     session = runner.Session.open(ModelSpec("bundled", device="cpu"),
                                   EvalConfig(max_tokens=args.tokens, decode_tokens=args.decode_tokens), log=lambda m: None)
 
-    here, here_s = timed_compare(session, choices, executors.InProcess())
-    forward, forward_s = timed_compare(session, choices, executors.WorkerProcesses())
-    backward, _ = timed_compare(session, list(reversed(choices)), executors.WorkerProcesses())
+    library_log = Path(tempfile.gettempdir()) / "workbench-bench-library.log"
+    with library_output(library_log):  # the in-process run's library chatter; workers keep theirs
+        here, here_s = timed_compare(session, choices, executors.InProcess())
+        forward, forward_s = timed_compare(session, choices, executors.WorkerProcesses())
+        backward, _ = timed_compare(session, list(reversed(choices)), executors.WorkerProcesses())
+    print(f"library output: {library_log}")
 
     print(f"{'method':28} {'in-process peak MB':>18} {'worker peak MB (order A / B)':>30} {'A/B':>6}  {'decode tok/s':>12} {'spread':>7}")
     ratios = []

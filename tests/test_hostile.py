@@ -370,6 +370,17 @@ def test_damaged_history_lines_are_skipped_named_and_kept(capsys, case):
     assert len(lines) == 5 and json.loads(lines[-1])["method"] == "bnb-int8"  # on its own line, whole
 
 
+@pytest.mark.parametrize("change", [{"ppl": "abc"}, {"ppl": float("nan")}, {"ppl": 0.5}, {"weight_bytes": -5},
+                                    {"bits": True}, {"method": None}, {"params": "group_size=64"}])
+def test_a_record_with_impossible_values_is_skipped_not_reused(capsys, case, change):
+    history = case.out / "history.jsonl"
+    good = json.loads(history.read_text(encoding="utf-8").splitlines()[0])
+    history.write_text(json.dumps({**good, **change}) + "\n", encoding="utf-8")  # json writes NaN as a bare NaN
+    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", good["method"], "--out", case.out, *FAST)
+    assert code == 0 and "skipped 1 line(s)" in err and "line 1" in err
+    assert "reused from" not in table  # measured again, not taken from the damaged record
+
+
 def test_nothing_succeeded_keeps_the_results_files_and_extends_history(capsys, case):
     before = snapshot(case.out)
     history = (case.out / "history.jsonl").read_bytes()

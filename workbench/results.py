@@ -101,8 +101,31 @@ class Result:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Result":
+        """A record read back (history, reuse): refused with ValueError unless every field has
+        the type it is written with, and every measured number is finite and not negative."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        for name, kinds in RECORD_TYPES.items():
+            value = values.get(name)
+            wrong_type = not isinstance(value, kinds) or isinstance(value, bool)
+            if name in REQUIRED and value is None or value is not None and wrong_type:
+                raise ValueError(f"{name}: {value!r} is not a {kinds}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: {value!r} is not a finite, non-negative number")
+        if values.get("ppl") is not None and values["ppl"] < 1:
+            raise ValueError(f"ppl: {values['ppl']!r} is below 1, which no perplexity can be")
+        return cls(**values)
+
+
+NUMBER = (int, float)
+RECORD_TYPES = {"model": str, "method": str, "family": str, "bits": int, "params": dict, "device": str, "label": str,
+                "adapter": str, "model_fingerprint": str, "backend": str, "mode": str, "ppl": NUMBER, "weight_bytes": int,
+                "bits_per_weight": NUMBER, "peak_bytes": int, "peak_above_baseline_bytes": int, "peak_reserved_bytes": int,
+                "peak_kind": str, "load_s": NUMBER, "eval_s": NUMBER, "prefill_ms": NUMBER, "decode_tokens_per_s": NUMBER,
+                "decode_spread": NUMBER, "decode_repeats": int, "kernel": str, "protocol": dict, "calibration": dict,
+                "environment": dict, "model_note": str, "error": str, "timestamp": str, "reused_from": str, "schema": int}
+"""The type each field of a record is written with (None allowed unless REQUIRED)."""
+REQUIRED = ("model", "method", "family", "bits", "params", "device")
 
 
 def append_history(results: list[Result], path: Path) -> None:
