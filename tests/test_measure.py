@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from workbench import measure, models
+from workbench.measure import PeakMemory
 
 
 @pytest.mark.parametrize("bos", [True, False])
@@ -138,3 +141,29 @@ def test_a_non_finite_perplexity_is_an_error_not_a_number(tiny_session):
         model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(WorkbenchError, match="not finite"):
         measure.perplexity(model, tiny_session.eval_ids, 128, 128)
+
+
+MB = 2**20
+
+
+def _touched(megabytes: int) -> bytearray:
+    return bytearray(b"\x01") * (megabytes * MB)  # written, so resident
+
+
+def test_a_process_started_by_a_big_parent_does_not_report_the_parents_peak():
+    """getrusage's ru_maxrss of a spawned worker starts at the parent's size on Linux; the
+    workbench reads the worker's own high-water mark instead."""
+    held = _touched(600)
+    child = subprocess.run([sys.executable, "-c", "from workbench.measure import peak_rss_bytes; print(peak_rss_bytes())"],
+                           capture_output=True, text=True, check=True)
+    assert len(held) == 600 * MB
+    assert int(child.stdout) < 300 * MB
+
+
+def test_peak_memory_counts_the_block_not_what_came_before():
+    earlier = _touched(400)
+    del earlier  # the process's peak is now 400 MB higher than what it holds
+    with PeakMemory("cpu") as peak:
+        inside = _touched(100)
+        del inside  # freed at once: a 10 ms sampler may miss it, the kernel's high-water mark does not
+    assert 90 * MB <= peak.above_baseline_bytes < 250 * MB

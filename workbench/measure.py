@@ -202,18 +202,37 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def peak_rss_bytes() -> int:
-    """The kernel's record of this process's peak resident memory (exact, no sampling)."""
-    import resource
-    import sys
+def peak_rss_bytes() -> int | None:
+    """The kernel's exact peak resident memory of this process image, since it started or since
+    `reset_peak_rss` (Linux's VmHWM); None where /proc is missing.
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    Not getrusage's ru_maxrss: Linux keeps the high-water mark of the forked copy across exec,
+    so a worker spawned by a 4 GB parent reported 4 GB for every method."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Set this process's peak to its current resident memory (Linux: "5" into
+    /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class PeakMemory:
-    """Peak memory over a block: CUDA max allocated (and reserved) on GPU; on CPU the peak
-    RSS, sampled every 10 ms (and, in a fresh worker process, the kernel's exact peak)."""
+    """Peak memory over a block: CUDA max allocated (and reserved) on GPU; on CPU the peak RSS:
+    the kernel's exact high-water mark, reset when the block starts (Linux), else sampled every
+    10 ms (plus, in a fresh worker process, the kernel's peak since the process started)."""
 
     def __init__(self, device: str, whole_process: bool = False):
         self.device, self.whole_process = device, whole_process
@@ -232,6 +251,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.baseline_bytes = torch.cuda.memory_allocated()
         else:
+            self._exact = reset_peak_rss()
             self.baseline_bytes = self.peak_bytes = rss_bytes()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -252,7 +272,8 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, rss_bytes(), peak_rss_bytes() if self.whole_process else 0)
+            kernel_peak = peak_rss_bytes() if self._exact or self.whole_process else None
+            self.peak_bytes = max(self.peak_bytes, rss_bytes(), kernel_peak or 0)
         return False
 
 
