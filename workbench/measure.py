@@ -253,9 +253,11 @@ class PeakMemory:
         else:
             self._exact = reset_peak_rss()
             self.baseline_bytes = self.peak_bytes = rss_bytes()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._thread = None
+            if not self._exact:  # no kernel peak for this block: sample
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
         return self
 
     def _sample(self):
@@ -270,8 +272,9 @@ class PeakMemory:
             self.peak_bytes = torch.cuda.max_memory_allocated()
             self.reserved_bytes = torch.cuda.max_memory_reserved()
         else:
-            self._stop.set()
-            self._thread.join()
+            if self._thread:
+                self._stop.set()
+                self._thread.join()
             kernel_peak = peak_rss_bytes() if self._exact or self.whole_process else None
             self.peak_bytes = max(self.peak_bytes, rss_bytes(), kernel_peak or 0)
         return False
