@@ -98,7 +98,7 @@ def test_errors_are_shown_in_the_panel_not_lost(tiny_folder):
 def test_compare_panel_table_charts_history_and_export(model, tmp_path):
     methods = MethodPicker(device="cpu")
     methods.select("fp32", "bnb-nf4", "quanto-int8")
-    panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST)
+    panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST, in_process=False)
     panel.button.click()
     assert panel.job.wait(300) == "done", panel.job.error
     assert [r.method for r in panel.results] == ["fp32", "bnb-nf4", "quanto-int8"]

@@ -5,8 +5,9 @@ call through `Job` (progress, status, captured log, cancel), and keep what it re
 in `.result` / `.results` / `.figures` so tests and later cells can use it.
 
 ComparePanel appends each finished method to the history the moment it finishes. It
-measures each method in a fresh worker process, as the CLI does (rows say "worker"), so
-Cancel ends the running method at once; `in_process=True` measures in the kernel.
+measures in the kernel by default (rows say "in-process"): worker processes started from a
+button click in JupyterLab were killed by SIGTERM in about one browser test run in five,
+cause not found yet; `in_process=False` gives the CLI's fresh worker per method.
 QuantizePanel keeps its model for the next cells, so it measures in this process too.
 """
 
@@ -67,7 +68,7 @@ class ComparePanel(Panel):
     """Run several methods one after another against the baseline; table, charts, export."""
 
     def __init__(self, model: ModelPicker, methods: MethodPicker, out_dir: str = "results",
-                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16), in_process: bool = False):
+                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16), in_process: bool = True):
         self.model_picker, self.method_picker, self.eval_cfg, self.in_process = model, methods, eval_cfg, in_process
         self.out_dir = Path(out_dir)
         self.button = widgets.Button(description="Compare", button_style="primary", icon="bar-chart")
