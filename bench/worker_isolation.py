@@ -25,7 +25,10 @@ MB = 2**20
 
 
 def timed_compare(session, choices, executor):
+    """Wall time of a comparison; for workers it includes starting their fork server."""
     start = time.perf_counter()
+    if isinstance(executor, executors.WorkerProcesses):
+        executor.warm_up()
     results = runner.compare(session, choices, log=lambda m: None, executor=executor)
     failed = {r.label: r.error for r in results if r.error}
     if failed:

@@ -28,7 +28,7 @@ def model(tiny_folder):
 
 
 def _log_text(job) -> str:
-    return "".join(o.get("text", "") for o in job.log.outputs)
+    return job.log.text
 
 
 def _trained(model, out_dir: Path, base: str = "bnb-nf4", steps: int = 2) -> FineTunePanel:

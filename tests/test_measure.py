@@ -133,6 +133,63 @@ def test_nll_sum_is_the_shifted_cross_entropy_over_labelled_tokens():
     assert count == len(expected) == 6 and total == pytest.approx(sum(expected), rel=1e-5)
 
 
+def _small(cls, config_cls, vocab=300, **extra):
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, **extra)
+    return cls(config).eval()
+
+
+def _full_logits_nll(model, ids, labels):
+    with torch.no_grad():
+        return measure.nll_sum(model(input_ids=ids).logits, labels)
+
+
+def test_chunked_scoring_equals_scoring_the_full_logits(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = _small(LlamaForCausalLM, LlamaConfig)
+    ids = torch.randint(0, 300, (3, 40))
+    labels = ids.clone()
+    labels[0, :5] = labels[2, 30:] = -100
+    monkeypatch.setattr(measure, "LOGITS_CHUNK_ELEMENTS", 300 * 7)  # 7 positions a chunk: many chunks, a ragged last one
+    with torch.no_grad():
+        chunked = measure.model_nll_sum(model, ids, labels)
+    full = _full_logits_nll(model, ids, labels)
+    assert measure._HEAD_CHECKED[model] is not None  # the chunked path ran
+    assert chunked[1] == full[1] == 3 * 39 - 4 - 10 and chunked[0] == pytest.approx(full[0], rel=1e-5)
+
+
+def test_a_model_that_scales_its_logits_is_scored_from_its_full_logits():
+    """Granite divides its logits by `logits_scaling`: the head alone would give other numbers."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    model = _small(GraniteForCausalLM, GraniteConfig, logits_scaling=8.0)
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        scored = measure.model_nll_sum(model, ids, ids)
+    assert measure._HEAD_CHECKED[model] is None
+    assert scored[0] == pytest.approx(_full_logits_nll(model, ids, ids)[0], rel=1e-6)
+
+
+def test_scoring_does_not_hold_the_whole_batch_of_logits():
+    """A 50,000-token vocabulary over 4 x 256 positions: 200 MB of fp32 logits (and as much for
+    their log-softmax) when scored at once; chunked, a small part of that."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = _small(LlamaForCausalLM, LlamaConfig, vocab=50_000)
+    ids = torch.randint(0, 50_000, (4, 256))
+    peaks = {}
+    for name, score in (("full", _full_logits_nll), ("chunked", measure.model_nll_sum)):
+        score(model, ids[:, :16], ids[:, :16])  # warm-up (and the head check) outside the measured block
+        with torch.no_grad(), PeakMemory("cpu") as peak:
+            score(model, ids, ids)
+        if not peak._exact:
+            pytest.skip("this kernel does not let a process reset its peak memory")
+        peaks[name] = peak.above_baseline_bytes
+    assert peaks["full"] > 200 * 2**20 and peaks["chunked"] < peaks["full"] / 4, peaks
+
+
 def test_a_non_finite_perplexity_is_an_error_not_a_number(tiny_session):
     from workbench.errors import WorkbenchError
 

@@ -33,7 +33,7 @@ def model(tiny_folder):
 
 
 def _log_text(job) -> str:
-    return "".join(o.get("text", "") for o in job.log.outputs)
+    return job.log.text
 
 
 def test_method_picker_draws_forms_from_declarations_and_disables_what_cannot_run():
@@ -156,6 +156,97 @@ def test_compare_panel_draws_its_charts_into_the_panel(model, tmp_path):
     methods = MethodPicker(device="cpu")
     methods.select("fp32")
     panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST)
-    assert panel.run() == "done"
+    assert panel.run() is None and panel.job.state == "done"
     outputs = panel.figure_area.widget.outputs
     assert len(outputs) == 5 and all("application/vnd.plotly.v1+json" in o["data"] for o in outputs)
+
+
+# ---------------------------------------------------------------------------- panels that respond
+
+@pytest.fixture
+def misbehaving():
+    import custom_method
+
+    custom_method.register_all()
+    yield
+    custom_method.unregister_all()
+
+
+def test_method_picker_reports_what_it_could_not_select_and_summarises_the_selection():
+    picker = MethodPicker(selected=("fp32", "no-such-method", "torchao-int4", "gptq:bits=8"), device="cpu")
+    assert picker.choices() == ["fp32", "gptq:bits=8"]
+    assert set(picker.not_selected) == {"no-such-method", "torchao-int4"}
+    assert "cannot run here" in picker.not_selected["torchao-int4"]
+    assert "no-such-method" in picker.problems.value and "torchao-int4" in picker.problems.value
+    assert "Selected (2):" in picker.summary.value and "gptq:bits=8" in picker.summary.value
+    picker.checks["bnb-nf4"].value = True  # the summary follows every tick
+    assert "Selected (3):" in picker.summary.value
+    assert "Weights per scale group" in str([w.value for w in _html_widgets(picker.widget)])  # parameter help is shown
+
+
+def _html_widgets(widget):
+    found = [widget] if isinstance(widget, ipywidgets.HTML) else []
+    for child in getattr(widget, "children", ()):
+        found += _html_widgets(child)
+    return found
+
+
+def test_method_picker_offers_only_group_sizes_that_divide_the_models_widths(model):
+    picker = MethodPicker(device="cpu", model=model)
+    model.run()  # "Will it fit?" resolves the model: the form fits itself to it (widths 128 and 256)
+    assert list(picker.fields["hqq"]["group_size"].options) == [8, 16, 32, 64, 128]
+    assert -1 in picker.fields["gptq"]["group_size"].options
+    picker.fields["hqq"]["group_size"].value = 128
+    picker.fit_to_widths({576, 1536})  # SmolLM2-135M: 128 does not divide 576
+    hqq = picker.fields["hqq"]["group_size"]
+    assert 128 not in hqq.options and 64 in hqq.options and hqq.value == 64
+
+
+def test_compare_panel_cancel_inside_a_long_method_stops_within_two_seconds(model, tmp_path, misbehaving):
+    import time
+
+    methods = MethodPicker(selected=("test-hang", "fp32"), device="cpu")
+    panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST)
+    panel.button.click()
+    deadline = time.monotonic() + 120
+    while "[test-hang] quantizing" not in _log_text(panel.job) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    clicked = time.monotonic()
+    panel.job.cancel_button.click()
+    assert "cancelling..." in panel.job.status.value  # at once, before the worker has ended
+    assert panel.job.wait(30) == "cancelled"
+    assert time.monotonic() - clicked < 2
+    assert [r.method for r in panel.results] == ["fp32"]  # measured before the hang; the hang is not a row
+
+
+def test_a_run_with_a_failed_method_ends_amber_naming_it_and_lists_it_under_the_charts(model, tmp_path, misbehaving):
+    from workbench.panels._base import AMBER
+
+    methods = MethodPicker(selected=("fp32", "test-crash"), device="cpu")
+    panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST)
+    panel.run()
+    assert panel.job.state == "done" and "1 of 2 failed: test-crash" in panel.job.warning
+    assert AMBER in panel.job.status.value and "test-crash" in panel.job.status.value
+    assert "test-crash" in panel.failures.value and "SIGSEGV" in panel.failures.value
+    assert all(len(fig.data[0].x) == 1 for fig in panel.figures)  # the charts hold the method that worked
+
+
+def test_generate_reuses_the_models_it_built(model):
+    methods = MethodPicker(selected=("fp32",), device="cpu")
+    panel = GeneratePanel(model, methods, max_new_tokens=8)
+    panel.run()
+    first = panel.generations[0]
+    panel.run()
+    assert "reusing the model built by the last Generate" in _log_text(panel.job)
+    assert panel.generations[0].text == first.text and first.error is None
+    panel.release()
+
+
+def test_the_log_keeps_its_newest_lines_in_view():
+    from workbench.panels._base import LogView
+
+    log = LogView()
+    for i in range(LogView.MAX_LINES + 10):
+        log.write(f"line {i}")
+    assert log.text.splitlines()[-1] == f"line {LogView.MAX_LINES + 9}" and len(log.text.splitlines()) == LogView.MAX_LINES
+    assert "flex-direction:column-reverse" in log.widget.value  # the box shows its end

@@ -47,3 +47,16 @@ def test_nested_blocks_write_to_the_outer_file(tmp_path):
         print("inside the outer")
     assert (tmp_path / "outer.log").read_text() == "inside both\ninside the outer\n"
     assert not (tmp_path / "inner.log").exists()
+
+
+def test_a_notebook_started_quietly_loads_a_model_without_library_output(tmp_path, tiny_folder):
+    """Import-time warnings (torchao, torch's pytree) and transformers' loading bar stay out of the cell."""
+    script = ("import sys; from workbench import models, quiet; quiet.start_notebook(sys.argv[1]); "
+              "models.load_model(models.resolve(sys.argv[2]), 'cpu'); print('loaded')")
+    log = tmp_path / "library.log"
+    done = subprocess.run([sys.executable, "-c", script, str(log), str(tiny_folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "loaded\n" and "Loading weights" not in done.stderr and "Failed to load" not in done.stderr, done.stderr
+    loud = subprocess.run([sys.executable, "-c", script.replace("quiet.start_notebook(sys.argv[1]); ", ""), str(log), str(tiny_folder)],
+                          capture_output=True, text=True, timeout=120)
+    assert "Loading weights" in loud.stderr  # the check can fail: without it, the bar is there

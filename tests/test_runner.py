@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -129,6 +130,29 @@ def test_cancel_ends_the_running_worker_within_two_seconds(custom, tiny_session)
     timer.start()
     results = _compare(tiny_session, ["test-hang", "fp32"], executors.WorkerProcesses(), should_stop=stop.is_set)
     assert results == [] and time.monotonic() - stopped_at[0] < 2
+
+
+def test_a_worker_terminated_from_outside_names_the_sender(custom, tiny_session):
+    import psutil
+
+    def terminate_the_worker():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    if "workbench-worker-" in child.cwd():
+                        time.sleep(1)  # past its start, inside the method
+                        os.kill(child.pid, signal.SIGTERM)
+                        return
+                except psutil.Error:
+                    continue
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=terminate_the_worker)
+    killer.start()
+    (row,) = _compare(tiny_session, ["test-hang"], executors.WorkerProcesses(timeout_s=180))
+    killer.join()
+    assert "died from SIGTERM" in row.error and f"SIGTERM sent by process {os.getpid()}" in row.error, row.error
 
 
 def test_nan_perplexity_is_an_error_row(custom, tiny_session):

@@ -95,14 +95,11 @@ def mimebundle(fig) -> dict:
     }
 
 
-def show(fig, handle=None):
-    """Display a figure, or replace the one shown under `handle`; returns the handle.
+def show(fig) -> None:
+    """Display a figure in the cell's output (returns nothing: no stray repr under the chart).
 
     Not a FigureWidget (unreliable in Colab) and not `display` inside an Output widget
-    after a click (Colab's "Plotly is not defined"): a display handle owned by the cell."""
+    after a click (Colab's "Plotly is not defined"): plain display data owned by the cell."""
     from IPython.display import display
 
-    if handle is None:
-        return display(mimebundle(fig), raw=True, display_id=True)
-    handle.update(mimebundle(fig), raw=True)
-    return handle
+    display(mimebundle(fig), raw=True)

@@ -130,6 +130,8 @@ def _compare(args) -> int:
     choices, left_out = _choose_methods(args.methods, spec.resolved_device())
     workers = executors.WorkerProcesses(args.jobs, args.timeout, library_log=_log)  # checks --jobs, --timeout in either mode
     executor = executors.InProcess() if args.in_process else workers
+    if not args.in_process:
+        workers.warm_up()  # the workers' fork server imports torch and transformers while the session opens
     out = Path(args.out)
     _check_writable(out)
     session = runner.Session.open(spec, eval_cfg, _log)

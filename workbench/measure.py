@@ -14,6 +14,7 @@ import math
 import statistics
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
@@ -26,18 +27,76 @@ MIN_DECODE_REPEATS = 3
 MAX_DECODE_REPEATS = 20
 
 
+LOGITS_CHUNK_ELEMENTS = 2**22
+"""Logits computed at once when scoring (16 MB in fp32): the full batch's logits (4 x 512 x 49,152 fp32
+= 400 MB, and as much again for their log-softmax) dominated the peak memory of every method."""
+
+
 def nll_sum(logits, labels) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (nats) and the number of tokens scored.
 
     `logits[:, t]` predicts token `t + 1`, so both are shifted; positions labelled -100 are
-    not scored; log-probabilities are taken in fp32 whatever the model's dtype. The one
-    scoring kernel of the workbench: perplexity and fine-tuning's held-out loss both use it."""
+    not scored; log-probabilities are taken in fp32 whatever the model's dtype."""
     import torch.nn.functional as F
 
     targets = labels[:, 1:]
     total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                             ignore_index=-100, reduction="sum")
     return total.item(), int((targets != -100).sum())
+
+
+def model_nll_sum(model, input_ids, labels, attention_mask=None) -> tuple[float, int]:
+    """`nll_sum` of the model's logits on `input_ids`, without holding the whole batch's logits:
+    the output head runs on the scored positions only, LOGITS_CHUNK_ELEMENTS logits at a time.
+    The one scoring kernel of the workbench: perplexity and fine-tuning's held-out loss use it.
+
+    Models whose logits are not simply the head applied to the decoder's last hidden state
+    (logit scaling or soft-capping) are found by `_plain_head` and scored from full logits."""
+    import torch.nn.functional as F
+
+    parts = _plain_head(model, input_ids, attention_mask)
+    if parts is None:
+        return nll_sum(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+    decoder, head = parts
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+    targets = labels[:, 1:]
+    scored = targets != -100
+    hidden, targets = hidden[:, :-1][scored], targets[scored]
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // head.out_features)
+    total = 0.0
+    for start in range(0, len(targets), rows):
+        logits = head(hidden[start:start + rows]).float()
+        total += F.cross_entropy(logits, targets[start:start + rows], reduction="sum").item()
+    return total, len(targets)
+
+
+_HEAD_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _plain_head(model, input_ids, attention_mask):
+    """(decoder, head) when the model's logits are `head(decoder(...)[0])`, checked once per model
+    on the first 16 tokens of the first row; None otherwise."""
+    if model not in _HEAD_CHECKED:
+        _HEAD_CHECKED[model] = _check_plain_head(model, input_ids[:1, :16],
+                                                 None if attention_mask is None else attention_mask[:1, :16])
+    return _HEAD_CHECKED[model]
+
+
+def _check_plain_head(model, ids, mask):
+    import torch
+
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    decoder, head = get_decoder(), get_head()
+    if decoder is None or not hasattr(head, "out_features"):
+        return None
+    full = model(input_ids=ids, attention_mask=mask).logits.float()
+    split = head(decoder(input_ids=ids, attention_mask=mask)[0]).float()
+    if split.shape != full.shape:
+        return None
+    tolerance = 1e-2 * full.abs().max().item() + 1e-4  # same arithmetic; only a different matmul shape
+    return (decoder, head) if torch.isfinite(split).all() and (split - full).abs().max().item() <= tolerance else None
 
 
 @dataclass(frozen=True)
@@ -101,8 +160,7 @@ def perplexity(model, token_ids: list[int], max_length: int, stride: int, batch_
             labels.append(label)
         inputs = torch.tensor(rows, device=device)
         with torch.no_grad():  # not inference_mode: quanto's kernels fail under it
-            logits = model(input_ids=inputs).logits
-        nll, count = nll_sum(logits, torch.tensor(labels, device=device))
+            nll, count = model_nll_sum(model, inputs, torch.tensor(labels, device=device))
         total, n_scored, done = total + nll, n_scored + count, done + len(batch)
         if progress:
             progress(done, len(spans))

@@ -8,7 +8,8 @@ while a block runs: Python's stdout/stderr, `warnings`, logging handlers that wr
 console (and records that have no handler), and native writes to file descriptors 1 and 2.
 It is process-wide: while a panel works in a background thread, whatever else prints goes
 to the same file. Nested uses write to the outermost file. A log record repeated word for
-word is written once.
+word is written once. `start_notebook()` does the libraries' imports quietly, in a
+notebook's first cell.
 """
 
 from __future__ import annotations
@@ -95,3 +96,21 @@ def _all_handlers() -> list[logging.Handler]:
     loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
                                        if isinstance(logger, logging.Logger)]
     return [handler for logger in loggers for handler in logger.handlers]
+
+
+def start_notebook(path: Path = Path("results") / "library.log") -> None:
+    """A notebook's first cell: import the heavy libraries now, with what they print on import
+    (torchao's missing kernels, torch's pytree deprecations) going to `path` instead of the
+    cell, and no loading progress bars from transformers (the workbench shows its own
+    progress). Panels send their libraries' output to the same file while they work."""
+    import importlib
+
+    from .executors import WORKER_PRELOAD
+
+    with library_output(path):
+        for name in WORKER_PRELOAD:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()

@@ -224,7 +224,7 @@ def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] 
             built.close()  # Ctrl-C and SIGTERM too: no working folder is left behind
         if not isinstance(exc, Exception):
             raise
-        return Evaluated(failed(session, choice, _error_message(exc, choice, log), mode=mode))
+        return Evaluated(failed(session, choice, error_message(exc, choice, log), mode=mode))
     result = _result(session, built, measured, peak, mode)
     if keep:
         return Evaluated(result, built)
@@ -274,7 +274,7 @@ def planned_key(session: Session, choice: Choice) -> str:
     return failed(session, choice, "").key()
 
 
-def _error_message(exc: Exception, choice: Choice, log) -> str:
+def error_message(exc: Exception, choice: Choice, log) -> str:
     import torch
 
     if isinstance(exc, WorkbenchError):
@@ -342,28 +342,24 @@ class Generation:
     error: str | None = None
 
 
-def generate(session: Session, choice: Choice | str, prompt: str, max_new_tokens: int = 40, log=print) -> Generation:
-    """Build with one method and answer `prompt` greedily (chat template when the model has one)."""
+def generate_with(session: Session, built: Built, prompt: str, max_new_tokens: int = 40, log=print) -> Generation:
+    """Answer `prompt` greedily with a built model (chat template when the model has one): the
+    GeneratePanel builds each method once and reuses it for the next prompt."""
     import torch
 
-    label = choice.label if isinstance(choice, Choice) else choice
+    label = built.choice.label
     try:
-        with build(session, choice, log) as built:
-            label = built.choice.label
-            ids = prompt_ids(session.tokenizer, prompt)
-            inputs = torch.tensor([ids], device=next(built.model.parameters()).device)
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = built.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                                           do_sample=False, pad_token_id=session.tokenizer.pad_token_id)
-            seconds = time.perf_counter() - start
-        new = out[0, len(ids):]
-        return Generation(label, session.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) / seconds)
+        ids = prompt_ids(session.tokenizer, prompt)
+        inputs = torch.tensor([ids], device=next(built.model.parameters()).device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = built.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=session.tokenizer.pad_token_id)
+        seconds = time.perf_counter() - start
     except Exception as exc:
-        if isinstance(exc, WorkbenchError):
-            return Generation(label, error=str(exc))
-        log(traceback.format_exc())
-        return Generation(label, error=f"{label} failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return Generation(label, error=error_message(exc, built.choice, log))
+    new = out[0, len(ids):]
+    return Generation(label, session.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) / seconds)
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:

@@ -6,7 +6,7 @@ Why this shape:
 - Training goes through transformers' `Trainer`; a callback forwards each logged loss to
   the caller and honours a Stop button. There is no hand-written loop to get wrong.
 - Held-out loss is measured on response tokens only, as the training loss is, with the
-  project's one NLL kernel (`measure.nll_sum`).
+  project's one NLL kernel (`measure.model_nll_sum`).
 - The adapter is saved with the config that trained it, so reload and merge (merge.py)
   rebuild the very same base.
 """
@@ -47,8 +47,7 @@ def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) 
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in make(examples[start:start + batch_size]).items()}
         with torch.no_grad():  # not inference_mode: quanto's kernels fail under it
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        batch_nll, batch_count = measure.nll_sum(logits, batch["labels"])
+            batch_nll, batch_count = measure.model_nll_sum(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
         nll, count = nll + batch_nll, count + batch_count
     return nll / count
 

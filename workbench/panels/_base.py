@@ -2,10 +2,11 @@
 
 States go `idle -> running -> done | error | cancelled` (`JobState`, a str Enum, so a
 state also compares equal to its lowercase name) and every transition is kept in
-`Job.states`, so tests can click a button and assert the sequence. Work runs in a worker
-thread so the notebook stays responsive; output from that thread is written with
-`Output.append_stdout` (a `with out:` block from a thread loses or misroutes output).
-What libraries print while the work runs goes to a log file (`quiet.library_output`); the
+`Job.states`, so tests can click a button and assert the sequence. `on_done` may return a
+message (e.g. which methods failed): the job is then done, in amber, with that message.
+Work runs in a worker thread so the notebook stays responsive; its log is an HTML widget
+whose value the thread sets (a `with out:` block from a thread loses or misroutes output),
+scrolled to its newest line. What libraries print while the work runs goes to a log file (`quiet.library_output`); the
 panel's log says how many lines and where.
 Works with ipywidgets 7.7.1 (Colab) and 8.x.
 """
@@ -43,6 +44,35 @@ class JobState(str, Enum):
 
 COLORS = {JobState.IDLE: "#555", JobState.RUNNING: "#1f77b4", JobState.DONE: "#2ca02c", JobState.ERROR: "#d62728",
           JobState.CANCELLED: "#ff7f0e"}
+AMBER = "#b8860b"
+"""A run that finished with failures (some methods failed), and "cancelling..."."""
+
+
+class LogView:
+    """A job's log: the newest line stays in view (the box scrolls to its end by itself: a
+    reversed flex column), tracebacks in red. An HTML widget, so writing from a worker
+    thread only sets its value."""
+
+    MAX_LINES = 2000
+
+    def __init__(self):
+        self.widget = widgets.HTML()
+        self._lines: list[tuple[str, bool]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def text(self) -> str:
+        return "".join(line + "\n" for line, _ in self._lines)
+
+    def write(self, text: str, error: bool = False) -> None:
+        with self._lock:
+            self._lines.extend((line, error) for line in text.rstrip("\n").split("\n"))
+            del self._lines[:-self.MAX_LINES]
+            body = "".join(f"<div style='color:#d62728'>{html.escape(line)}</div>" if red else f"<div>{html.escape(line)}</div>"
+                           for line, red in self._lines)
+            self.widget.value = ("<div style='max-height:220px;overflow:auto;display:flex;flex-direction:column-reverse;"
+                                 "border:1px solid #ddd;font-family:monospace;font-size:12px;white-space:pre-wrap;"
+                                 f"word-break:break-word;padding:2px 4px'><div>{body}</div></div>")
 
 
 class Job:
@@ -57,10 +87,12 @@ class Job:
         self.cancel_button = widgets.Button(description="Cancel", disabled=True,
                                             layout=widgets.Layout(display="" if cancellable else "none"))
         self.cancel_button.on_click(lambda _: self.cancel())
-        self.log = widgets.Output(layout=widgets.Layout(max_height="220px", overflow="auto", border="1px solid #ddd"))
-        self.widget = widgets.VBox([widgets.HBox([button, self.cancel_button, self.progress, self.status]), self.log])
+        self.log = LogView()
+        self.widget = widgets.VBox([widgets.HBox([button, self.cancel_button, self.progress, self.status]), self.log.widget])
         self.states: list[JobState] = []
         self.error: str | None = None
+        self.warning: str | None = None
+        """Set when the work finished but not all of it succeeded (`on_done` returned a message)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._set_state(JobState.IDLE)
@@ -74,7 +106,7 @@ class Job:
         if self.state is JobState.RUNNING:
             return
         self._stop.clear()
-        self.error = None
+        self.error = self.warning = None
         self.button.disabled = True
         self.cancel_button.disabled = False
         self._set_state(JobState.RUNNING)
@@ -92,13 +124,13 @@ class Job:
                 result = self._work(self)
             if (lines := _line_count(self.library_log) - lines_before) > 0:
                 self.write(f"library messages: {lines} line(s) in {self.library_log}")
-            self._on_done(result)
+            self.warning = self._on_done(result) or None
             state = JobState.CANCELLED if self._stop.is_set() else JobState.DONE
         except WorkbenchError as exc:
             self.error, state = str(exc), JobState.ERROR
         except Exception as exc:  # show the traceback in the panel instead of losing it in the kernel log
             self.error, state = f"{type(exc).__name__}: {exc}", JobState.ERROR
-            self.log.append_stderr(traceback.format_exc())
+            self.log.write(traceback.format_exc(), error=True)
         self.button.disabled = False
         self.cancel_button.disabled = True
         self.progress.layout.visibility = "hidden"
@@ -106,11 +138,15 @@ class Job:
 
     def _set_state(self, state: JobState, detail: str = "") -> None:
         self.states.append(state)
-        text = state.value + detail + (f": {self.error}" if self.error else "")
-        self.status.value = f"<b style='color:{COLORS[state]}'>{html.escape(text)}</b>"
+        text = state.value + detail + (f": {self.error}" if self.error else "") + (f"; {self.warning}" if self.warning else "")
+        color = AMBER if self.warning and state is JobState.DONE else COLORS[state]
+        self._show_status(text, color)
+
+    def _show_status(self, text: str, color: str) -> None:
+        self.status.value = f"<b style='color:{color};white-space:normal;word-break:break-word'>{html.escape(text)}</b>"
 
     def write(self, message: str) -> None:
-        self.log.append_stdout(message.rstrip("\n") + "\n")
+        self.log.write(message)
 
     def set_progress(self, done: int, total: int) -> None:
         self.progress.layout.visibility = "visible"
@@ -118,8 +154,13 @@ class Job:
         self.progress.value = done
 
     def cancel(self) -> None:
-        """Ask the work to stop at its next checkpoint (between methods, between steps)."""
+        """Ask the work to stop: a worker process ends at once, other work at its next
+        checkpoint (between methods, between steps). The status says so at once."""
+        if self.state is not JobState.RUNNING:
+            return
         self._stop.set()
+        self.cancel_button.disabled = True
+        self._show_status("cancelling...", AMBER)
         self.write("cancelling...")
 
     def should_stop(self) -> bool:
@@ -141,11 +182,13 @@ def _line_count(path: Path) -> int:
 
 
 def table_html(rows: list[dict]) -> str:
-    """A plain HTML table (renders the same in Colab and JupyterLab)."""
+    """A plain HTML table (renders the same in Colab and JupyterLab); long cells (error
+    messages) wrap instead of being clipped."""
     if not rows:
         return ""
-    head = "".join(f"<th style='padding:2px 8px'>{html.escape(str(c))}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px'>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>"
+    cell = "padding:2px 8px;vertical-align:top;white-space:normal;word-break:break-word;max-width:32em;text-align:left"
+    head = "".join(f"<th style='{cell}'>{html.escape(str(c))}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td style='{cell}'>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>"
                    for row in rows)
     return f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -160,14 +203,13 @@ class Panel:
 
         display(self.widget)
 
-    def run(self) -> JobState:
-        """Do what the button does, in this cell (notebooks run headless by nbval, CI).
-        A failed run raises, so the cell shows the message instead of passing silently."""
+    def run(self) -> None:
+        """Do what the button does, in this cell (notebooks run headless by nbval, CI); the
+        outcome is `job.state`. A failed run raises, so the cell shows the message instead of
+        passing silently. Returns nothing, so a cell ending in `.run()` shows no stray value."""
         self.job.start(background=False)
-        state = self.job.state
-        if state is JobState.ERROR:
+        if self.job.state is JobState.ERROR:
             raise WorkbenchError(self.job.error)
-        return state
 
 
 class FigureArea:

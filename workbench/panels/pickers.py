@@ -12,6 +12,7 @@ import ipywidgets as widgets
 
 from .. import methods
 from ..config import EvalConfig, ModelSpec
+from ..errors import WorkbenchError
 from ._base import Job, Panel, table_html
 
 BUNDLED_LABEL = "SmolLM2-135M-Instruct (offline, bundled)"
@@ -53,6 +54,20 @@ class ModelPicker(Panel):
         self.widget = widgets.VBox([widgets.HBox([self.choice, self.device]), widgets.HBox([self.custom, self.token, self.trust_remote_code]),
                                     self.job.widget, self.estimate_view])
         self._sessions: dict = {}
+        self.source = None
+        """The model last resolved ("Will it fit?" or a panel's session): what the method form fits itself to."""
+        self._listeners: list = []
+
+    def on_model(self, callback) -> None:
+        """Call `callback(source)` whenever a model is resolved (and now, if one is)."""
+        self._listeners.append(callback)
+        if self.source is not None:
+            callback(self.source)
+
+    def _resolved(self, source) -> None:
+        self.source = source
+        for callback in self._listeners:
+            callback(source)
 
     def spec(self) -> ModelSpec:
         name = CURATED[self.choice.value] or self.custom.value.strip()
@@ -67,6 +82,7 @@ class ModelPicker(Panel):
         key = (spec.name, spec.device, spec.trust_remote_code, eval_cfg)
         if key not in self._sessions:
             self._sessions = {key: runner.Session.open(spec, eval_cfg, log)}  # keep one: tokenizers are not small
+            self._resolved(self._sessions[key].source)
         return self._sessions[key]
 
     def _estimate(self, job: Job):
@@ -75,9 +91,11 @@ class ModelPicker(Panel):
         spec = self.spec()
         source = models.resolve(spec.name, spec.token, job.write, trust_remote_code=spec.trust_remote_code)
         models.check_causal_lm(source)
-        return estimate.estimate(source, device=spec.resolved_device())
+        return source, estimate.estimate(source, device=spec.resolved_device())
 
-    def _show_estimate(self, result) -> None:
+    def _show_estimate(self, resolved) -> None:
+        source, result = resolved
+        self._resolved(source)
         from ..estimate import footnotes
 
         rows = [{"method": r.method, "bits": r.bits, f"weight MB ({result.device})": round(r.weight_bytes / 2**20),
@@ -88,27 +106,81 @@ class ModelPicker(Panel):
 
 
 class MethodPicker(Panel):
-    """Every registered method grouped by family, with a form drawn from its parameters."""
+    """Every registered method grouped by family, with a form drawn from its parameters.
 
-    def __init__(self, selected: tuple[str, ...] = ("fp32", "bnb-nf4"), device: str | None = None):
+    `selected` takes method strings as the CLI does (`gptq:bits=8`); names that are not
+    methods, or cannot run here, are listed at the top instead of dropped. A summary line says
+    what is selected (the families may be collapsed). Given the `model` picker, group sizes are
+    offered only where they divide every layer width of the chosen model."""
+
+    GROUP_SIZES = (8, 16, 32, 64, 128, 256)
+
+    def __init__(self, selected: tuple[str, ...] = ("fp32", "bnb-nf4"), device: str | None = None, model: ModelPicker | None = None):
         self.checks: dict[str, widgets.Checkbox] = {}
         self.fields: dict[str, dict[str, widgets.Widget]] = {}
+        self._forms: dict[str, widgets.HBox] = {}
+        wanted, problems = _parse_selection(selected, device)
         families: dict[str, list] = {}
         for method, reason in methods.available(device):
-            families.setdefault(method.family, []).append(self._row(method, reason, method.name in selected))
-        self.widget = widgets.Accordion(children=[widgets.VBox(rows) for rows in families.values()])
+            families.setdefault(method.family, []).append(self._row(method, reason, wanted.get(method.name)))
+        self.problems = widgets.HTML(_problems_html(problems))
+        self.not_selected = problems
+        """`{name: why}` for each name given in `selected` that is not ticked."""
+        self.summary = widgets.HTML()
+        self.accordion = widgets.Accordion(children=[widgets.VBox(rows) for rows in families.values()])
         for i, family in enumerate(families):
-            self.widget.set_title(i, family)
+            self.accordion.set_title(i, family)
+        self.widget = widgets.VBox([self.problems, self.accordion, self.summary])
+        self._update_summary()
+        if model is not None:
+            model.on_model(self.fit_to)
 
-    def _row(self, method: methods.Method, reason: str | None, selected: bool) -> widgets.Widget:
-        check = widgets.Checkbox(value=selected and reason is None, description=method.name, disabled=reason is not None,
+    def _row(self, method: methods.Method, reason: str | None, params: dict | None) -> widgets.Widget:
+        check = widgets.Checkbox(value=params is not None and reason is None, description=method.name, disabled=reason is not None,
                                  indent=False, layout=widgets.Layout(width="140px"))
         self.checks[method.name] = check
-        self.fields[method.name] = {p.name: _param_widget(p) for p in method.params}
+        self.fields[method.name] = {p.name: _param_widget(p, (params or {}).get(p.name, p.default)) for p in method.params}
         note = (f"<span style='color:#d62728'>not here: {html.escape(reason)}</span>" if reason
                 else html.escape(method.summary))
-        form = widgets.HBox(list(self.fields[method.name].values()))
-        return widgets.VBox([widgets.HBox([check, widgets.HTML(f"<span style='font-size:12px'>{note}</span>")]), form])
+        self._forms[method.name] = form = widgets.HBox(list(self.fields[method.name].values()))
+        check.observe(lambda _: self._update_summary(), names="value")
+        for field in self.fields[method.name].values():
+            field.observe(lambda _: self._update_summary(), names="value")
+        help_lines = "".join(f"<div><b>{html.escape(p.name)}</b>: {html.escape(p.help)}</div>" for p in method.params)
+        parts = [widgets.HBox([check, widgets.HTML(f"<span style='font-size:12px'>{note}</span>")]), form]
+        if help_lines:
+            parts.append(widgets.HTML(f"<div style='font-size:11px;color:#555;margin-left:140px'>{help_lines}</div>"))
+        return widgets.VBox(parts)
+
+    def _update_summary(self) -> None:
+        chosen = self.choices()
+        self.summary.value = (f"<b>Selected ({len(chosen)}):</b> {html.escape(', '.join(chosen))}" if chosen
+                              else "<b style='color:#b8860b'>No method selected.</b>")
+
+    def fit_to(self, source) -> None:
+        """Offer only the group sizes that divide every block-linear input width of `source`."""
+        from ..models import linear_input_widths
+
+        self.fit_to_widths(set(linear_input_widths(source).values()))
+
+    def fit_to_widths(self, widths: set[int]) -> None:
+        for name, fields in self.fields.items():
+            param = next((p for p in methods.get(name).params if p.name == "group_size"), None)
+            if param is None:
+                continue
+            candidates = param.choices or self.GROUP_SIZES
+            allowed = [g for g in candidates if g > 0 and (param.minimum is None or g >= param.minimum)
+                       and all(w % g == 0 for w in widths)]
+            if param.minimum is not None and param.minimum <= -1:
+                allowed.append(-1)
+            old = fields["group_size"]
+            value = old.value if old.value in allowed else (param.default if param.default in allowed else (allowed or [old.value])[0])
+            new = widgets.Dropdown(options=allowed or [old.value], value=value, description="group_size",
+                                   style={"description_width": "initial"}, layout=widgets.Layout(width="auto"))
+            new.observe(lambda _: self._update_summary(), names="value")
+            fields["group_size"] = new
+            self._forms[name].children = tuple(fields.values())
+        self._update_summary()
 
     def select(self, *names: str) -> None:
         """Tick exactly these methods (for notebooks and tests)."""
@@ -126,8 +198,35 @@ class MethodPicker(Panel):
         return [self.choice_for(name) for name, check in self.checks.items() if check.value]
 
 
-def _param_widget(param: methods.Param) -> widgets.Widget:
-    common = {"value": param.default, "description": param.name, "style": {"description_width": "initial"},
+def _parse_selection(selected, device) -> tuple[dict[str, dict], dict[str, str]]:
+    """`{method name: params}` to tick, and `{given text: why not}` for the rest."""
+    runnable = {method.name: reason for method, reason in methods.available(device)}
+    wanted, problems = {}, {}
+    for text in selected:
+        text = text.strip()
+        if not text:
+            continue
+        try:
+            choice = methods.parse(text)
+        except WorkbenchError as exc:
+            problems[text] = str(exc)
+            continue
+        if runnable.get(choice.method.name):
+            problems[text] = f"cannot run here: {runnable[choice.method.name]}"
+        else:
+            wanted[choice.method.name] = choice.params
+    return wanted, problems
+
+
+def _problems_html(problems: dict[str, str]) -> str:
+    if not problems:
+        return ""
+    items = "".join(f"<li><b>{html.escape(text)}</b>: {html.escape(why)}</li>" for text, why in problems.items())
+    return f"<div style='color:#b8860b;font-size:12px'>Not selected:<ul style='margin:0'>{items}</ul></div>"
+
+
+def _param_widget(param: methods.Param, value) -> widgets.Widget:
+    common = {"value": value, "description": param.name, "style": {"description_width": "initial"},
               "layout": widgets.Layout(width="auto")}
     if param.choices:
         return widgets.Dropdown(options=list(param.choices), **common)

@@ -4,11 +4,10 @@ They take the pickers they read from in their constructor (no globals), run the 
 call through `Job` (progress, status, captured log, cancel), and keep what it returned
 in `.result` / `.results` / `.figures` so tests and later cells can use it.
 
-ComparePanel appends each finished method to the history the moment it finishes. It
-measures in the kernel by default (rows say "in-process"): worker processes started from a
-button click in JupyterLab were killed by SIGTERM in about one browser test run in five,
-cause not found yet; `in_process=False` gives the CLI's fresh worker per method.
-QuantizePanel keeps its model for the next cells, so it measures in this process too.
+ComparePanel appends each finished method to the history the moment it finishes, and
+measures each method in a fresh worker process as the CLI does (Cancel ends the running
+worker at once); `in_process=True` measures in the kernel. QuantizePanel keeps its model for
+the next cells, so it measures in this process.
 """
 
 from __future__ import annotations
@@ -68,7 +67,7 @@ class ComparePanel(Panel):
     """Run several methods one after another against the baseline; table, charts, export."""
 
     def __init__(self, model: ModelPicker, methods: MethodPicker, out_dir: str = "results",
-                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16), in_process: bool = True):
+                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16), in_process: bool = False):
         self.model_picker, self.method_picker, self.eval_cfg, self.in_process = model, methods, eval_cfg, in_process
         self.out_dir = Path(out_dir)
         self.button = widgets.Button(description="Compare", button_style="primary", icon="bar-chart")
@@ -81,14 +80,24 @@ class ComparePanel(Panel):
         self.export_csv.on_click(lambda _: self.export("csv"))
         self.export_json.on_click(lambda _: self.export("json"))
         self.figure_area = FigureArea()
+        self.failures = widgets.HTML()
         self.widget = widgets.VBox([self.rerun, self.job.widget, self.table,
-                                    widgets.HBox([self.export_csv, self.export_json, self.exported]), self.figure_area.widget])
+                                    widgets.HBox([self.export_csv, self.export_json, self.exported]), self.figure_area.widget,
+                                    self.failures])
         self.results: list[results.Result] = []
         self.figures: list = []
+        self._listeners: list = []
 
     def _ipython_display_(self):
         super()._ipython_display_()
         self.figure_area.reserve(len(charts.BAR_METRICS) + 1)
+
+    def on_results(self, callback) -> None:
+        """Call `callback(results)` after every comparison (and now, when there are results already):
+        how another panel (the claims table) stays current without reading this one's attributes."""
+        self._listeners.append(callback)
+        if self.results:
+            callback(self.results)
 
     @property
     def history(self) -> Path:
@@ -104,13 +113,25 @@ class ComparePanel(Panel):
                                   lambda _, done, total: job.set_progress(done, total), job.should_stop, executor,
                                   on_result=lambda result: results.append_history([result], self.history))
 
-    def _show(self, measured: list[results.Result]) -> None:
+    def _show(self, measured: list[results.Result]) -> str | None:
+        """Table, charts, export; the failed methods listed under the charts, and named in the
+        job's (amber) status."""
         self.results = measured
         self.table.value = table_html(results.table_rows(measured)) + "".join(
             f"<p style='font-size:11px'>{html.escape(line)}</p>" for line in results.footnotes(measured))
         self.figures = charts.all_charts(measured)
         self.figure_area.show(self.figures)
         self.export_csv.disabled = self.export_json.disabled = not measured
+        failed = [r for r in measured if r.error]
+        self.failures.value = "" if not failed else (
+            "<div style='color:#b8860b;font-size:12px'><b>Not in the charts (failed):</b><ul>"
+            + "".join(f"<li style='white-space:normal;word-break:break-word'><b>{html.escape(r.label)}</b>: "
+                      f"{html.escape(r.error)}</li>" for r in failed) + "</ul></div>")
+        for callback in self._listeners:
+            callback(measured)
+        if failed:
+            return f"{len(failed)} of {len(measured)} failed: {', '.join(r.label for r in failed)} (reasons under the charts)"
+        return None
 
     def export(self, kind: str) -> Path:
         path = self.out_dir / f"results.{kind}"
@@ -133,16 +154,39 @@ class GeneratePanel(Panel):
         self.outputs = widgets.HTML()
         self.widget = widgets.VBox([self.prompt, self.max_tokens, self.job.widget, self.outputs])
         self.generations: list[runner.Generation] = []
+        self._built: dict[str, runner.Built] = {}
+        """Models this panel built, by configuration: the next Generate reuses them."""
 
     def _work(self, job: Job) -> list[runner.Generation]:
         session = self.model_picker.session(EvalConfig(max_tokens=64), job.write)
+        choices = self.method_picker.choices()
+        wanted = {runner.planned_key(session, runner.as_choice(c)): c for c in choices}
+        for key in [k for k in self._built if k not in wanted]:  # no longer selected: give the memory back
+            self._built.pop(key).close()
         done = []
-        for i, choice in enumerate(self.method_picker.choices()):
+        for i, (key, choice) in enumerate(wanted.items()):
             if job.should_stop():
                 break
-            job.set_progress(i, len(self.method_picker.choices()))
-            done.append(runner.generate(session, choice, self.prompt.value, self.max_tokens.value, job.write))
+            job.set_progress(i, len(wanted))
+            if key in self._built:
+                job.write(f"[{self._built[key].choice.label}] reusing the model built by the last Generate")
+            else:
+                try:
+                    self._built[key] = runner.build(session, choice, job.write)
+                except WorkbenchError as exc:
+                    done.append(runner.Generation(choice, error=str(exc)))
+                    continue
+                except Exception as exc:  # a library failed: say so in this method's card, go on with the others
+                    done.append(runner.Generation(choice, error=runner.error_message(exc, runner.as_choice(choice), job.write)))
+                    continue
+            done.append(runner.generate_with(session, self._built[key], self.prompt.value, self.max_tokens.value, job.write))
         return done
+
+    def release(self) -> None:
+        """Free the models kept for the next Generate."""
+        for built in self._built.values():
+            built.close()
+        self._built = {}
 
     def _show(self, generations: list[runner.Generation]) -> None:
         self.generations = generations
