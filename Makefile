@@ -46,6 +46,7 @@ bench: setup
 	$(PY) bench/perplexity_throughput.py
 	$(PY) bench/workbench_overhead.py
 	$(PY) bench/worker_isolation.py
+	$(PY) bench/notebook_times.py
 
 clean:
 	rm -rf results bench/out artifacts .pytest_cache $(WIDGETS7) notebooks/results notebooks/logs logs

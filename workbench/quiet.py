@@ -22,6 +22,9 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+LIBRARY_LOG = Path("results") / "library.log"
+"""Where notebooks and panels send library output (relative to the notebook's folder)."""
+
 _lock = threading.Lock()
 _active = 0
 
@@ -98,7 +101,7 @@ def _all_handlers() -> list[logging.Handler]:
     return [handler for logger in loggers for handler in logger.handlers]
 
 
-def start_notebook(path: Path = Path("results") / "library.log") -> None:
+def start_notebook(path: Path = LIBRARY_LOG) -> None:
     """A notebook's first cell: import the heavy libraries now, with what they print on import
     (torchao's missing kernels, torch's pytree deprecations) going to `path` instead of the
     cell, and no loading progress bars from transformers (the workbench shows its own

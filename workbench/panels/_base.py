@@ -24,9 +24,7 @@ from typing import Any, Callable
 import ipywidgets as widgets
 
 from ..errors import WorkbenchError
-from ..quiet import library_output
-
-LIBRARY_LOG = Path("results") / "library.log"
+from ..quiet import LIBRARY_LOG, library_output
 
 
 class JobState(str, Enum):
