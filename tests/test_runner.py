@@ -155,6 +155,25 @@ def test_a_worker_terminated_from_outside_names_the_sender(custom, tiny_session)
     assert "died from SIGTERM" in row.error and f"SIGTERM sent by process {os.getpid()}" in row.error, row.error
 
 
+def test_what_the_fork_server_prints_is_library_output_not_the_callers(tiny_folder):
+    """In a notebook kernel, the fork server's import messages would land in the running cell."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "from workbench import executors, runner\nfrom workbench.config import EvalConfig, ModelSpec\n"
+              "executors.WORKER_PRELOAD.append('noisy_import')\n"
+              "if __name__ == '__main__':\n"
+              "    session = runner.Session.open(ModelSpec(sys.argv[2], device='cpu'), EvalConfig(max_length=128, stride=128, "
+              "max_tokens=256, decode_tokens=8), log=lambda m: None)\n"
+              "    lines = []\n"
+              "    (row,) = runner.compare(session, ['fp32'], log=lambda m: None, executor=executors.WorkerProcesses(library_log=lines.append))\n"
+              "    print('error:', row.error, '| library:', ' / '.join(line for line in lines if 'noisy' in line))\n")
+    # cwd: Python 3.11's fork server ignores the parent's sys.path when it preloads, but finds the cwd's modules
+    done = subprocess.run([sys.executable, "-c", script, str(TESTS), str(tiny_folder)], capture_output=True, text=True,
+                          timeout=240, cwd=TESTS)
+    assert done.returncode == 0, done.stderr
+    assert "noisy" not in done.stderr and done.stdout.count("noisy") == 3, (done.stdout, done.stderr)
+    assert done.stdout.startswith("error: None | library: ")
+
+
 def test_nan_perplexity_is_an_error_row(custom, tiny_session):
     (row,) = _compare(tiny_session, ["test-nan"], executors.InProcess())
     assert row.error and "not finite" in row.error and row.ppl is None

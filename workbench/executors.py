@@ -88,11 +88,10 @@ class WorkerProcesses:
 
     @staticmethod
     def warm_up() -> None:
-        """Start the fork server now, e.g. while the session opens: its imports take a few seconds."""
+        """Start the fork server now, e.g. while the session opens: its imports take a few seconds.
+        What it prints while importing is library output like a worker's (`library_log`)."""
         if _worker_context().get_start_method() == "forkserver":
-            from multiprocessing import forkserver
-
-            forkserver.ensure_running()
+            _start_fork_server()
 
     def run(self, session, pending, finished, log, progress, should_stop) -> None:
         queue, running = list(pending), []
@@ -117,6 +116,7 @@ class WorkerProcesses:
                 self._cleanup(task)
 
     def _start(self, session, index: int, choice: Choice) -> _Task:
+        self.warm_up()
         context = _worker_context()
         receive, send = context.Pipe(duplex=False)
         scratch = Path(tempfile.mkdtemp(prefix="workbench-worker-"))
@@ -147,7 +147,8 @@ class WorkerProcesses:
                 task.result = payload[0]
             ready = task.conn.poll()
         if self.library_log:
-            for line in task.log_file.read().splitlines():  # new library output since the last look
+            server = _fork_server_output.read() if _fork_server_output else ""
+            for line in server.splitlines() + task.log_file.read().splitlines():  # new library output since the last look
                 self.library_log(line)
 
     def _outcome(self, session, task: _Task) -> Result | None:
@@ -205,6 +206,27 @@ def _worker_context():
     context = get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
     return context
+
+
+_fork_server_output = None
+"""The fork server's stdout and stderr (a file, open for reading what it printed)."""
+
+
+def _start_fork_server() -> None:
+    """Start this process's fork server (if it is not running) with its stdout and stderr in a
+    file: its imports print (torchao, torch), and a fork server started in a notebook kernel
+    would otherwise print into whichever cell is running."""
+    global _fork_server_output
+    from multiprocessing import forkserver
+
+    from .quiet import library_output
+
+    if _fork_server_output is None:
+        path = Path(tempfile.mkdtemp(prefix="workbench-forkserver-")) / "library.log"
+        path.touch()
+        _fork_server_output = path.open(encoding="utf-8", errors="replace")
+    with library_output(Path(_fork_server_output.name)):  # inside a panel's own log, the server writes there instead
+        forkserver.ensure_running()
 
 
 def _last_words(task: _Task) -> str:
