@@ -19,6 +19,7 @@ which mode measured them.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -222,9 +223,10 @@ def _start_fork_server() -> None:
     from .quiet import library_output
 
     if _fork_server_output is None:
-        path = Path(tempfile.mkdtemp(prefix="workbench-forkserver-")) / "library.log"
-        path.touch()
-        _fork_server_output = path.open(encoding="utf-8", errors="replace")
+        handle, name = tempfile.mkstemp(prefix="workbench-forkserver-", suffix=".log")
+        os.close(handle)
+        atexit.register(lambda: Path(name).unlink(missing_ok=True))  # Ctrl-C and SIGTERM end the CLI through exit too
+        _fork_server_output = open(name, encoding="utf-8", errors="replace")
     with library_output(Path(_fork_server_output.name)):  # inside a panel's own log, the server writes there instead
         forkserver.ensure_running()
 
