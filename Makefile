@@ -46,6 +46,9 @@ bench: setup
 	$(PY) bench/perplexity_throughput.py
 	$(PY) bench/workbench_overhead.py
 	$(PY) bench/worker_isolation.py
+	$(PY) bench/evaluator_speed.py
+	$(PY) bench/sensitivity_speed.py
+	$(PY) bench/sweep_overhead.py
 	$(PY) bench/notebook_times.py
 
 clean:

@@ -71,7 +71,9 @@ def assert_history_extended(before: bytes, after_path: Path) -> list[results.Res
 def finished_out(tmp_path_factory, tiny_folder):
     """An output folder holding one finished comparison (results files and a history line)."""
     out = tmp_path_factory.mktemp("finished") / "out"
-    assert main(["compare", "--model", str(tiny_folder), "--methods", "fp32", "--out", str(out), *FAST]) == 0
+    with pytest.MonkeyPatch.context() as patch:  # its KL reference goes with the folder: see `case`
+        patch.setenv("WORKBENCH_CACHE", str(out.parent / "cache"))
+        assert main(["compare", "--model", str(tiny_folder), "--methods", "fp32", "--out", str(out), *FAST]) == 0
     return out
 
 
@@ -106,6 +108,7 @@ class Case:
 @pytest.fixture
 def case(tmp_path, tiny_folder, finished_out, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(finished_out.parent / "cache", tmp_path / "cache")
     out = tmp_path / "out"
     shutil.copytree(finished_out, out)
     made = Case(tmp_path, tiny_folder, out, monkeypatch)

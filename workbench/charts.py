@@ -7,10 +7,12 @@ report still says what was measured.
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 from . import files
-from .results import MB, Result, baseline_of, format_table
+from .errors import WorkbenchError
+from .results import MB, Result, baseline_of, format_details, format_table
 
 BAR_METRICS = (
     # (title, unit label, function of a result, lower is better)
@@ -50,34 +52,98 @@ def bar_chart(results: list[Result], title: str, unit: str, value, lower_is_bett
     return fig
 
 
-def ppl_vs_memory(results: list[Result]):
-    """The trade-off in one picture: bottom-left is best."""
+TRADE_OFF_METRICS = {
+    # metric: (name, axis title, function of a result)
+    "ppl": ("Perplexity", "perplexity (lower is better)", lambda r: r.ppl),
+    "kl": ("KL divergence", "mean KL divergence to the baseline, nats/token (lower is better)",
+           lambda r: r.kl_mean),
+}
+"""What a trade-off chart can put against weight memory; a result without the value is left out."""
+FRONT_COLOR = "#d62728"
+
+
+def metric_of(metric: str):
+    """(name, axis title, value function) of a trade-off metric; a clear error for an unknown one."""
+    try:
+        return TRADE_OFF_METRICS[metric]
+    except KeyError:
+        raise WorkbenchError(f"--metric {metric!r}: choose one of {', '.join(TRADE_OFF_METRICS)}.") from None
+
+
+def trade_off_points(results: list[Result], metric: str = "ppl") -> list[Result]:
+    """The successful results that have weight bytes and a finite value of `metric`."""
+    value = metric_of(metric)[2]
+    return [r for r in _ok(results) if r.weight_bytes and value(r) is not None and math.isfinite(value(r))]
+
+
+def pareto_front(results: list[Result], metric: str = "ppl") -> list[Result]:
+    """The points no other point beats: none has fewer weight bytes and a no-worse metric, or
+    no more bytes and a better metric (both lower is better). Points with equal bytes and
+    equal metric dominate neither, so both stay. Sorted by weight bytes, then metric."""
+    value = metric_of(metric)[2]
+    points = trade_off_points(results, metric)
+
+    def dominated(p: Result) -> bool:
+        return any(q.weight_bytes <= p.weight_bytes and value(q) <= value(p)
+                   and (q.weight_bytes < p.weight_bytes or value(q) < value(p)) for q in points)
+
+    return sorted((p for p in points if not dominated(p)), key=lambda r: (r.weight_bytes, value(r)))
+
+
+def pareto_chart(results: list[Result], metric: str = "ppl"):
+    """`metric` against weight memory, every point hoverable with its settings, the Pareto front
+    marked and joined by its staircase (bottom-left is best). One trace: the staircase is
+    drawn as shapes, so a chart's trace is its points, like the bar charts'."""
     import plotly.graph_objects as go
 
-    done = [r for r in _ok(results) if r.ppl is not None and r.weight_bytes]
-    fig = go.Figure(go.Scatter(x=[r.weight_bytes / MB for r in done], y=[r.ppl for r in done], mode="markers+text",
-                               text=[r.label for r in done], textposition="top center", marker={"size": 12}))
-    fig.update_layout(title=f"Perplexity vs weight memory (bottom-left is best)<br><sup>{_protocol_line(results)}</sup>",
-                      xaxis_title="weight memory (MB)", yaxis_title="perplexity", template="plotly_white", height=460)
-    if done and max(r.ppl for r in done) > 20 * min(r.ppl for r in done):
-        fig.update_yaxes(type="log")
+    name, unit, value = metric_of(metric)
+    points = trade_off_points(results, metric)
+    front = pareto_front(results, metric)
+    marked = [any(p is f for f in front) for p in points]
+    fig = go.Figure(go.Scatter(
+        x=[p.weight_bytes / MB for p in points], y=[value(p) for p in points], mode="markers+text",
+        text=[p.label if m else "" for p, m in zip(points, marked)], textposition="top center",
+        hovertext=[_hover(p, name, value(p), m) for p, m in zip(points, marked)], hoverinfo="text",
+        marker={"size": [13 if m else 9 for m in marked], "symbol": ["diamond" if m else "circle" for m in marked],
+                "color": [FRONT_COLOR if m else "#9ecae1" for m in marked], "line": {"width": 1, "color": "#555"}}))
+    for a, b in zip(front, front[1:]):  # right at a's value up to b's bytes, then down to b's value: what more bytes buy
+        corner = (b.weight_bytes / MB, value(a))
+        for (x0, y0), (x1, y1) in (((a.weight_bytes / MB, value(a)), corner), (corner, (b.weight_bytes / MB, value(b)))):
+            fig.add_shape(type="line", x0=x0, y0=y0, x1=x1, y1=y1, layer="below", line={"color": FRONT_COLOR, "width": 2})
+    fig.update_layout(title=f"{name} vs weight memory, Pareto front in red ({len(front)} of {len(points)} points; "
+                            f"bottom-left is best)<br><sup>{_protocol_line(results)}</sup>",
+                      xaxis_title="weight memory (MB of stored weights)", yaxis_title=unit, template="plotly_white",
+                      height=480, showlegend=False)
+    values = [value(p) for p in points]
+    if values and min(values) > 0 and max(values) > 20 * min(values):
+        fig.update_yaxes(type="log")  # a collapsed 2-bit cell would flatten every other point
     return fig
 
 
-def all_charts(results: list[Result]) -> list:
-    return [bar_chart(results, *metric) for metric in BAR_METRICS] + [ppl_vs_memory(results)]
+def _hover(result: Result, name: str, value: float, on_front: bool) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in result.params.items()) or "no parameters"
+    return (f"<b>{html.escape(result.label)}</b><br>{html.escape(result.method)}: {html.escape(params)}<br>"
+            f"weight {result.weight_bytes / MB:.2f} MB ({result.bits_per_weight or 0:.2f} bits/weight)<br>"
+            f"{name.lower()} {value:.4g}<br>{'on the Pareto front' if on_front else 'dominated'}")
 
 
-def write_report(results: list[Result], path: Path, left_out: list[str] = ()) -> None:
-    """A self-contained HTML report (plotly.js inlined once, so it opens offline)."""
+def all_charts(results: list[Result], metric: str = "ppl") -> list:
+    """The bar chart of each measured quantity, then the trade-off of `metric` against weight memory."""
+    return [bar_chart(results, *bar) for bar in BAR_METRICS] + [pareto_chart(results, metric)]
+
+
+def write_report(results: list[Result], path: Path, left_out: list[str] = (), metric: str = "ppl") -> None:
+    """A self-contained HTML report (plotly.js inlined once, so it opens offline); `metric` is
+    what the trade-off chart puts against weight memory."""
     parts = []
-    for i, fig in enumerate(all_charts(results)):
+    for i, fig in enumerate(all_charts(results, metric)):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in left_out)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Quantization Workbench report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} pre{{font-size:12px;overflow-x:auto}}</style></head>
 <body><h1>Quantization Workbench: {html.escape(results[0].model if results else '')}</h1>
 <pre>{html.escape(format_table(results))}</pre>
+{f'<details><summary>What the methods chose (bits per layer)</summary><pre>{html.escape(format_details(results))}</pre></details>' if format_details(results) else ''}
 {f'<h3>Not run here</h3><ul>{notes}</ul>' if notes else ''}
 {''.join(parts)}</body></html>"""
     files.write_text(path, page)  # atomically: a failed write leaves the previous report whole

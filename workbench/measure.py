@@ -32,41 +32,54 @@ LOGITS_CHUNK_ELEMENTS = 2**22
 = 400 MB, and as much again for their log-softmax) dominated the peak memory of every method."""
 
 
-def nll_sum(logits, labels) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (nats) and the number of tokens scored.
+def nll_sum(logits, labels, divergence=None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) and the number of tokens scored, from full logits.
 
     `logits[:, t]` predicts token `t + 1`, so both are shifted; positions labelled -100 are
-    not scored; log-probabilities are taken in fp32 whatever the model's dtype."""
-    import torch.nn.functional as F
-
+    not scored; log-probabilities are taken in fp32 whatever the model's dtype. `divergence`
+    (a `divergence.Divergence`) also gets each scored position's log-probabilities."""
     targets = labels[:, 1:]
-    total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            ignore_index=-100, reduction="sum")
-    return total.item(), int((targets != -100).sum())
+    scored = targets != -100
+    return _score_rows(logits[:, :-1][scored], targets[scored], divergence)
 
 
-def model_nll_sum(model, input_ids, labels, attention_mask=None) -> tuple[float, int]:
+def model_nll_sum(model, input_ids, labels, attention_mask=None, divergence=None) -> tuple[float, int]:
     """`nll_sum` of the model's logits on `input_ids`, without holding the whole batch's logits:
     the output head runs on the scored positions only, LOGITS_CHUNK_ELEMENTS logits at a time.
-    The one scoring kernel of the workbench: perplexity and fine-tuning's held-out loss use it.
+    The one scoring kernel of the workbench: perplexity, its KL against the reference
+    (`divergence`, chunk by chunk in the same pass) and fine-tuning's held-out loss use it.
 
     Models whose logits are not simply the head applied to the decoder's last hidden state
     (logit scaling or soft-capping) are found by `_plain_head` and scored from full logits."""
-    import torch.nn.functional as F
-
     parts = _plain_head(model, input_ids, attention_mask)
     if parts is None:
-        return nll_sum(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+        return nll_sum(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels, divergence)
     decoder, head = parts
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask)[0]
     targets = labels[:, 1:]
     scored = targets != -100
-    hidden, targets = hidden[:, :-1][scored], targets[scored]
-    rows = max(1, LOGITS_CHUNK_ELEMENTS // head.out_features)
+    return _score_rows(hidden[:, :-1][scored], targets[scored], divergence, head)
+
+
+def _score_rows(rows, targets, divergence=None, head=None) -> tuple[float, int]:
+    """Summed NLL of `targets` over `rows` (logits, or hidden states when `head` is given),
+    LOGITS_CHUNK_ELEMENTS logits at a time. Without a divergence the fused cross entropy;
+    with one, the log-softmax it needs anyway is shared with the KL."""
+    import torch
+    import torch.nn.functional as F
+
+    vocab = head.out_features if head is not None else rows.shape[-1]
+    step = max(1, LOGITS_CHUNK_ELEMENTS // vocab)
     total = 0.0
-    for start in range(0, len(targets), rows):
-        logits = head(hidden[start:start + rows]).float()
-        total += F.cross_entropy(logits, targets[start:start + rows], reduction="sum").item()
+    for start in range(0, len(targets), step):
+        chunk, chunk_targets = rows[start:start + step], targets[start:start + step]
+        logits = (head(chunk) if head is not None else chunk).float()
+        if divergence is None:
+            total += F.cross_entropy(logits, chunk_targets, reduction="sum").item()
+            continue
+        logp = torch.log_softmax(logits, dim=-1)
+        total -= logp.gather(1, chunk_targets[:, None]).sum().item()
+        divergence.add(logp, chunk_targets)
     return total, len(targets)
 
 
@@ -138,8 +151,11 @@ def windows(n: int, max_length: int, stride: int, bos: bool) -> tuple[list[tuple
 
 
 def perplexity(model, token_ids: list[int], max_length: int, stride: int, batch_size: int = 4,
-               bos_token_id: int | None = None, progress: Callable[[int, int], None] | None = None) -> Perplexity:
+               bos_token_id: int | None = None, progress: Callable[[int, int], None] | None = None,
+               divergence=None) -> Perplexity:
     """Sliding-window perplexity of `model` on `token_ids`, batched over equal-length windows.
+    `divergence` (a `divergence.Divergence`) collects KL against the reference in the same pass;
+    the windows fix the order of the scored tokens, so two runs with one protocol line up.
 
     A non-finite result (a model that overflows or collapsed to NaN) is an error, never a number."""
     import torch
@@ -160,7 +176,7 @@ def perplexity(model, token_ids: list[int], max_length: int, stride: int, batch_
             labels.append(label)
         inputs = torch.tensor(rows, device=device)
         with torch.no_grad():  # not inference_mode: quanto's kernels fail under it
-            nll, count = model_nll_sum(model, inputs, torch.tensor(labels, device=device))
+            nll, count = model_nll_sum(model, inputs, torch.tensor(labels, device=device), divergence=divergence)
         total, n_scored, done = total + nll, n_scored + count, done + len(batch)
         if progress:
             progress(done, len(spans))

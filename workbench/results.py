@@ -46,6 +46,14 @@ class Result:
     mode: str = ""
     """Where it was measured: `worker` (a fresh process for this method) or `in-process`."""
     ppl: float | None = None
+    kl_mean: float | None = None
+    """Mean KL divergence (nats per scored token) of the next-token distribution from the
+    full-precision reference's (`protocol["kl_reference"]`), on the perplexity's tokens; None
+    when the reference's distributions were not recorded (see `workbench.divergence`)."""
+    kl_p99: float | None = None
+    """99th percentile of the per-token KL, nats: the worst tokens, which the mean hides."""
+    top1_agreement: float | None = None
+    """Share (0..1) of scored tokens whose most likely next token is the reference's most likely one."""
     weight_bytes: int | None = None
     """Bytes of the stored tensors, counted before any forward pass."""
     bits_per_weight: float | None = None
@@ -71,6 +79,8 @@ class Result:
     protocol: dict = field(default_factory=dict)
     """Perplexity protocol: text (and its hash), max_length, stride, n_tokens, n_windows, bos, batch and decode settings."""
     calibration: dict | None = None
+    details: dict | None = None
+    """What the method chose while building (`mixed`: a summary and the bits of each layer)."""
     environment: dict = field(default_factory=dict)
     model_note: str = ""
     error: str | None = None
@@ -119,10 +129,11 @@ class Result:
 
 NUMBER = (int, float)
 RECORD_TYPES = {"model": str, "method": str, "family": str, "bits": int, "params": dict, "device": str, "label": str,
-                "adapter": str, "model_fingerprint": str, "backend": str, "mode": str, "ppl": NUMBER, "weight_bytes": int,
+                "adapter": str, "model_fingerprint": str, "backend": str, "mode": str, "ppl": NUMBER, "kl_mean": NUMBER,
+                "kl_p99": NUMBER, "top1_agreement": NUMBER, "weight_bytes": int,
                 "bits_per_weight": NUMBER, "peak_bytes": int, "peak_above_baseline_bytes": int, "peak_reserved_bytes": int,
                 "peak_kind": str, "load_s": NUMBER, "eval_s": NUMBER, "prefill_ms": NUMBER, "decode_tokens_per_s": NUMBER,
-                "decode_spread": NUMBER, "decode_repeats": int, "kernel": str, "protocol": dict, "calibration": dict,
+                "decode_spread": NUMBER, "decode_repeats": int, "kernel": str, "protocol": dict, "calibration": dict, "details": dict,
                 "environment": dict, "model_note": str, "error": str, "timestamp": str, "reused_from": str, "schema": int}
 """The type each field of a record is written with (None allowed unless REQUIRED)."""
 REQUIRED = ("model", "method", "family", "bits", "params", "device")
@@ -188,6 +199,9 @@ def table_rows(results: list[Result]) -> list[dict]:
             "bits/weight": _round(r.bits_per_weight, 2),
             "perplexity": _round(r.ppl, 2),
             "Δ ppl %": "" if delta is None else f"{delta:+.1f}",
+            "KL mean (nats)": _round(r.kl_mean, 4),
+            "KL p99": _round(r.kl_p99, 4),
+            "top-1 same %": _round(None if r.top1_agreement is None else 100 * r.top1_agreement, 1),
             "run in": r.mode + (f", reused from {r.reused_from}" if r.reused_from else ""),
             "error": r.error or "",
         })
@@ -232,7 +246,37 @@ def footnotes(results: list[Result]) -> list[str]:
         base = baseline_of(results)
         if base is not None:
             notes.append(f"Δ ppl % is relative to {base.method}. Device: {first.environment.get('device_name', first.device)}.")
+        notes.extend(_kl_note(done))
     return notes
+
+
+def _kl_note(done: list[Result]) -> list[str]:
+    """What the KL columns are: against which reference, on which tokens, and the approximation."""
+    with_kl = [r for r in done if r.kl_mean is not None]
+    if not with_kl:
+        return []
+    references = sorted({str(r.protocol.get("kl_reference")) for r in with_kl})
+    p = with_kl[0].protocol
+    blank = " Blank: measured before the reference's distributions were recorded; re-run to fill." \
+        if len(with_kl) < len(done) else ""
+    return [f"KL mean / p99: KL divergence (nats per token) of each method's next-token distribution from "
+            f"{' / '.join(references)}'s, mean and 99th percentile over the same {p.get('n_tokens')} scored tokens; "
+            "top-1 same %: tokens whose most likely next token is unchanged. The reference's distribution is kept as its "
+            f"top {p.get('kl_top_k')} tokens plus {p.get('kl_tail_samples')} tokens drawn from the rest (an estimate within "
+            f"about 1% of the exact mean KL on SmolLM2-135M; see workbench.divergence). Lower KL is better.{blank}"]
+
+
+def format_details(results: list[Result], layers: bool = True) -> str:
+    """What each method chose while building (`Result.details`), e.g. mixed precision's bits per
+    layer: shown on demand (`compare --details`, the report), since it is long."""
+    lines = []
+    for r in results:
+        if not r.details:
+            continue
+        lines.append(f"{r.label}: {r.details.get('summary', '')}")
+        if layers:
+            lines.extend(f"    {name}: {bits}-bit" for name, bits in r.details.get("layer_bits", {}).items())
+    return "\n".join(lines)
 
 
 def write_json(results: list[Result], path: Path) -> None:
@@ -244,7 +288,7 @@ def write_csv(results: list[Result], path: Path) -> None:
     flat = []
     for r in results:
         row = r.to_dict()
-        for name in ("params", "protocol", "calibration", "environment"):
+        for name in ("params", "protocol", "calibration", "details", "environment"):
             row[name] = json.dumps(row[name], sort_keys=True)
         flat.append(row)
     with files.atomic_open(path, newline="") as out:  # replaced atomically, like results.json

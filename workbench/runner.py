@@ -3,7 +3,8 @@
 - `build(session, choice) -> Built`: parse and check the choice, calibrate, quantize (or
   load), attach a saved adapter when asked, count the storage before any forward pass;
   the model's working folder is removed by `Built.close()`.
-- `measure(session, built) -> Measurements`: perplexity and decode speed.
+- `measure(session, built) -> Measurements`: perplexity, KL against the full-precision
+  reference in the same pass (`workbench.divergence`), and decode speed.
 
 `evaluate` is the one composition that turns a choice into a `Result` (peak memory around
 both verbs; a method's own failure becomes an error row, never an exception). Where it runs
@@ -26,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from . import data, methods, models, remote_code
+from . import data, divergence, methods, models, remote_code
 from . import measure as measuring
 from .config import EvalConfig, ModelSpec
 from .errors import WorkbenchError
@@ -80,7 +81,34 @@ class Session:
         _, step = measuring.windows(len(self.eval_ids), self.eval.max_length, self.eval.stride, self.bos_id is not None)
         return {"text": self.eval_text.name, "text_sha": self.text_sha, "eval_tokens": len(self.eval_ids),
                 "max_length": self.eval.max_length, "stride": step, "bos": self.bos_id is not None,
-                "batch_size": self.eval.batch_size, "decode_tokens": self.eval.decode_tokens}
+                "batch_size": self.eval.batch_for(self.device), "decode_tokens": self.eval.decode_tokens}
+
+    # ------------------------------------------------------------ the KL reference
+
+    def reference_method(self) -> str:
+        """The method KL is measured against (`divergence.reference_method`): fp32 on CPU."""
+        return divergence.reference_method(self.device)
+
+    def is_reference(self, choice: Choice) -> bool:
+        """Whether measuring `choice` records the reference distributions: the reference method, no adapter."""
+        return choice.method.name == self.reference_method() and not choice.adapter
+
+    def reference_key(self) -> dict:
+        """Everything that changes the reference's recorded distributions; found again from the
+        session alone, so a worker process rebuilt from (source, device, eval) finds the same file.
+        The batch size is left out: it changes neither the windows nor their order."""
+        protocol = self.planned_protocol()
+        tokens = hashlib.sha256(",".join(map(str, self.eval_ids)).encode()).hexdigest()[:16]
+        return {"format": divergence.FORMAT, "top_k": divergence.TOP_K, "tail_samples": divergence.TAIL_SAMPLES,
+                "reference": self.reference_method(), "model": self.fingerprint, "device": self.device, "tokens_sha": tokens,
+                **{name: protocol[name] for name in ("text_sha", "eval_tokens", "max_length", "stride", "bos")}}
+
+    def reference_path(self) -> Path:
+        return divergence.cache_path(self.reference_key())
+
+    def load_reference(self) -> divergence.Reference | None:
+        """The recorded reference distributions; None when not recorded; WorkbenchError when unusable."""
+        return divergence.Reference.load(self.reference_path(), self.reference_key())
 
 
 def environment(device: str, method: methods.Method | None) -> dict:
@@ -120,6 +148,8 @@ class Built:
     """Seconds to load and quantize (calibration included)."""
     storage: measuring.Storage
     """Counted before any forward pass."""
+    details: dict | None = None
+    """What the method chose while building (`Method.details`)."""
 
     def close(self) -> None:
         """Drop the model and its working folder, and give the memory back."""
@@ -162,11 +192,12 @@ def build(session: Session, choice: Choice | str, log: Callable[[str], None] = p
             model = PeftModel.from_pretrained(model, choice.adapter).eval()
         load_s = time.perf_counter() - start
         storage = measuring.storage(model, method.side_tensors)
+        details = method.details(workdir) if method.details else None
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     log(f"[{choice.label}] quantized in {load_s:.1f} s")
-    return Built(choice, model, workdir, load_s, storage)
+    return Built(choice, model, workdir, load_s, storage, details)
 
 
 @dataclass(frozen=True)
@@ -174,24 +205,62 @@ class Measurements:
     perplexity: measuring.Perplexity
     eval_s: float
     speed: measuring.Speed | None
+    divergence: divergence.Stats | None = None
+    """KL and top-1 agreement against the reference; None when its distributions are not recorded."""
 
 
 def measure(session: Session, built: Built, log: Callable[[str], None] = print,
                   progress: Callable[[str, int, int], None] | None = None) -> Measurements:
-    """Perplexity under the session's protocol, then decode speed (when asked for)."""
+    """Perplexity under the session's protocol with KL against the reference in the same pass,
+    then decode speed (when asked for). Measuring the reference itself records its
+    distributions for the other methods (and its own KL, measured: 0)."""
     label = built.choice.label
     log(f"[{label}] measuring perplexity on {len(session.eval_ids)} tokens...")
+    kl = _divergence_for(session, built.choice, log)
     start = time.perf_counter()
     ppl = measuring.perplexity(built.model, session.eval_ids, session.eval.max_length, session.eval.stride,
-                             session.eval.batch_size, session.bos_id,
-                             progress=(lambda done, total: progress(label, done, total)) if progress else None)
+                             session.eval.batch_for(session.device), session.bos_id,
+                             progress=(lambda done, total: progress(label, done, total)) if progress else None,
+                             divergence=kl)
     eval_s = time.perf_counter() - start
+    if kl is not None and kl.reference is None:
+        _save_reference(session, kl, label, log)
+    stats = kl.stats() if kl is not None else None
     speed = None
     if session.eval.decode_tokens:
         prompt = session.tokenizer(SPEED_PROMPT, add_special_tokens=True)["input_ids"]
         speed = measuring.decode_speed(built.model, prompt, session.eval.decode_tokens, session.tokenizer.pad_token_id)
-    log(f"[{label}] perplexity {ppl.ppl:.2f} in {eval_s:.1f} s")
-    return Measurements(ppl, eval_s, speed)
+    shown = f", KL {stats.kl_mean:.4f} nats, top-1 same {100 * stats.top1_agreement:.1f}%" if stats else ""
+    log(f"[{label}] perplexity {ppl.ppl:.2f}{shown} in {eval_s:.1f} s")
+    return Measurements(ppl, eval_s, speed, stats)
+
+
+def _divergence_for(session: Session, choice: Choice, log) -> divergence.Divergence | None:
+    """Record (the reference itself), compare with the recorded reference, or None (not recorded:
+    the perplexity is still measured, the KL columns stay empty)."""
+    if session.is_reference(choice):
+        return divergence.Divergence.recording()
+    try:
+        reference = session.load_reference()
+    except WorkbenchError as exc:
+        log(f"[{choice.label}] KL not measured: {exc}")
+        return None
+    if reference is None:
+        log(f"[{choice.label}] KL not measured: {session.reference_method()}'s next-token distributions are not recorded "
+            "for this model, text and protocol (measuring it records them; `compare` does that first).")
+        return None
+    return divergence.Divergence.against(reference)
+
+
+def _save_reference(session: Session, kl: divergence.Divergence, label: str, log) -> None:
+    """Keep what the reference run recorded; a failed write costs the other methods their KL, not this row."""
+    path = session.reference_path()
+    try:
+        kl.recorded_reference().save(path, session.reference_key())
+    except WorkbenchError as exc:
+        log(f"[{label}] the next-token distributions for KL were not saved: {exc}")
+        return
+    log(f"[{label}] next-token distributions saved for KL ({path.stat().st_size / 2**20:.1f} MB, {path})")
 
 
 # ---------------------------------------------------------------------------- composition
@@ -216,7 +285,7 @@ def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] 
         return Evaluated(failed(session, str(choice), str(exc), mode=mode))
     built = None
     try:
-        with measuring.PeakMemory(session.device, whole_process=mode == "worker") as peak:
+        with measuring.PeakMemory(session.device, whole_process=mode in ("worker", "ray")) as peak:
             built = build(session, choice, log)
             measured = measure(session, built, log, progress)
     except BaseException as exc:
@@ -239,18 +308,21 @@ def run_method(session: Session, choice: Choice | str, log: Callable[[str], None
 
 
 def _result(session: Session, built: Built, measured: Measurements, peak: measuring.PeakMemory, mode: str) -> Result:
-    choice, speed = built.choice, measured.speed
+    choice, speed, stats = built.choice, measured.speed, measured.divergence
+    kl_protocol = {"kl_reference": session.reference_method(), "kl_top_k": divergence.TOP_K,
+                   "kl_tail_samples": divergence.TAIL_SAMPLES} if stats else {}
     return Result(
         model=session.source.label, method=choice.method.name, label=choice.label, family=choice.method.family,
         bits=choice.method.bits_for(choice.params), params=choice.params, adapter=choice.adapter, device=session.device,
         model_fingerprint=session.fingerprint, backend=backend_of(choice.method), mode=mode,
-        ppl=measured.perplexity.ppl, weight_bytes=built.storage.weight_bytes, bits_per_weight=built.storage.bits_per_weight,
+        ppl=measured.perplexity.ppl, kl_mean=stats.kl_mean if stats else None, kl_p99=stats.kl_p99 if stats else None,
+        top1_agreement=stats.top1_agreement if stats else None, weight_bytes=built.storage.weight_bytes, bits_per_weight=built.storage.bits_per_weight,
         peak_bytes=peak.peak_bytes, peak_above_baseline_bytes=peak.above_baseline_bytes, peak_reserved_bytes=peak.reserved_bytes,
         peak_kind=peak.kind, load_s=built.load_s, eval_s=measured.eval_s,
         prefill_ms=speed.prefill_ms if speed else None, decode_tokens_per_s=speed.decode_tokens_per_s if speed else None,
         decode_spread=speed.decode_spread if speed else None, decode_repeats=speed.repeats if speed else None,
-        kernel=f"{choice.method.kernel}: {built.storage.kernel}",
-        protocol={**session.planned_protocol(), **measured.perplexity.protocol(session.eval_text.name)},
+        kernel=f"{choice.method.kernel}: {built.storage.kernel}", details=built.details,
+        protocol={**session.planned_protocol(), **measured.perplexity.protocol(session.eval_text.name), **kl_protocol},
         calibration=_calibration_record(choice), environment=environment(session.device, choice.method),
         model_note=session.source.note, timestamp=now(),
     )
@@ -300,13 +372,20 @@ def compare(session: Session, choices: list[Choice | str], previous: list[Result
     """Each choice's result, in order. A configuration already in `previous` (without error and
     with the same identity) is reused unless `rerun`; the others run on `executor` (default:
     a fresh worker process each). `on_result` gets every newly measured result the moment it
-    finishes (the CLI and panels append it to the history there)."""
+    finishes (the CLI and panels append it to the history there).
+
+    KL needs the reference's recorded distributions (`Session.reference_method`, fp32 on CPU),
+    so the reference runs first, on its own, before the others start. When they are not
+    recorded for this session and another method is to be measured, the reference is measured
+    even if not asked for (its row comes first: Δ ppl % needs it too), or measured again
+    instead of reused from `previous`; each of these is logged with the reason."""
     from .executors import WorkerProcesses
 
     executor = executor or WorkerProcesses()
     done = {r.key(): r for r in previous if r.error is None}
     slots: list[Result | None] = []
-    pending: list[tuple[int, Choice | str]] = []
+    pending: list[tuple[int, Choice]] = []
+    reused_reference = None
     for choice in choices:
         try:
             parsed = as_choice(choice)
@@ -317,19 +396,54 @@ def compare(session: Session, choices: list[Choice | str], previous: list[Result
         if reused:
             log(f"[{reused.label}] already measured with this model, text and protocol ({reused.timestamp}); reusing it. Re-run to measure again.")
             slots.append(replace(reused, reused_from=reused.timestamp))
+            if session.is_reference(parsed):
+                reused_reference = (len(slots) - 1, parsed)
             continue
         slots.append(None)
         pending.append((len(slots) - 1, parsed))
+    pending = _reference_first(session, slots, pending, reused_reference, log)
 
     def finished(index: int, result: Result) -> None:
         slots[index] = result
         if on_result:
             on_result(result)
 
-    executor.run(session, pending, finished, log, progress, should_stop)
+    first = pending[:1] if pending and session.is_reference(pending[0][1]) else []
+    executor.run(session, first, finished, log, progress, should_stop)  # the others read what it records
+    executor.run(session, pending[len(first):], finished, log, progress, should_stop)
     if any(slot is None for slot in slots):
         log("Cancelled: the remaining methods were not run.")
     return [slot for slot in slots if slot is not None]
+
+
+def _reference_first(session: Session, slots: list, pending: list[tuple[int, Choice]], reused_reference, log) -> list:
+    """`pending` with the reference's run first; the reference added (a new first slot) or taken
+    back from reuse when its distributions are missing and another method would use them."""
+    reference = [entry for entry in pending if session.is_reference(entry[1])]
+    if reference:
+        return reference + [entry for entry in pending if entry not in reference]
+    wanted = any(choice.method.unavailable_reason(session.device) is None for _, choice in pending)
+    if not wanted or _reference_recorded(session, log):
+        return pending
+    name = session.reference_method()
+    if reused_reference is not None:
+        slots[reused_reference[0]] = None
+        log(f"[{name}] measuring it again instead of reusing it: the KL columns need its next-token distributions, "
+            f"which are not recorded in {session.reference_path()}.")
+        return [reused_reference] + pending
+    log(f"[{name}] measuring the full-precision reference first: the KL columns compare each method's next-token "
+        "distributions with its, and they are not recorded yet for this model, text and protocol.")
+    slots.insert(0, None)
+    return [(0, methods.parse(name))] + [(index + 1, choice) for index, choice in pending]
+
+
+def _reference_recorded(session: Session, log) -> bool:
+    """The reference distributions are on disk and usable (an unusable file is logged and recorded again)."""
+    try:
+        return session.load_reference() is not None
+    except WorkbenchError as exc:
+        log(f"[{session.reference_method()}] {exc} Recording them again.")
+        return False
 
 
 # ---------------------------------------------------------------------------- generation

@@ -135,6 +135,9 @@ class Method:
     """`(model, gradient_checkpointing) -> model` before LoRA adapters are attached."""
     merge_refusal: str | None = None
     """Why a LoRA adapter trained on this method cannot be merged (None: it can)."""
+    details: Callable[[Path], dict] | None = None
+    """What the method chose while building, read from its working folder (`mixed`: the bits of
+    each layer); kept with the result, shown by `compare --details` and in the report."""
 
     @property
     def serializable(self) -> bool:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WorkbenchError
-from . import awq, baseline, bnb, gptq, hqq, quanto, torchao
+from . import awq, baseline, bnb, gptq, hqq, mixed, quanto, torchao
 from .base import Method
 
-FAMILIES = (baseline, bnb, gptq, awq, quanto, hqq, torchao)
+FAMILIES = (baseline, bnb, gptq, awq, quanto, hqq, torchao, mixed)
 
 REGISTRY: dict[str, Method] = {}
 

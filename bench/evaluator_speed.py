@@ -1,0 +1,131 @@
+"""Benchmark: the workbench's perplexity evaluator against the loops people use instead.
+
+All score the same tokens of the offline model with windows of --max-length tokens:
+- workbench: `measure.perplexity` with the batch size chosen for the device;
+- plain loop: one `model(input_ids, labels=...)` per window, the workbench's windows;
+- raw forward: `model(input_ids)` on the workbench's batches, logits only (the hardware
+  limit the evaluator is held to: it adds the loss and nothing else);
+- lm-evaluation-harness `loglikelihood_rolling` (when `lm_eval` imports: see the README's
+  bench section for the pip line); its windows hold as many tokens as ours;
+- KL: the evaluator with the KL statistics against a recorded reference (issue 12: at most
+  15% on top of an evaluation).
+Each is run --repeats times, interleaved, and its fastest run counts. Ratios are printed last.
+Run: .venv/bin/python bench/evaluator_speed.py [--tokens 4096] [--max-length 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from workbench import data, divergence, measure, models
+from workbench.config import auto_batch_size
+
+
+def plain_loop(model, ids: list[int], max_length: int, bos: int | None) -> tuple[float, int]:
+    """The workbench's windows, one at a time, loss from transformers."""
+    nll, count = 0.0, 0
+    for begin, end, first in measure.windows(len(ids), max_length, max_length, bos is not None)[0]:
+        row = ([bos] if bos is not None else []) + ids[begin:end]
+        labels = torch.tensor([row])
+        labels[0, : first - begin + (bos is not None)] = -100
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([row]), labels=labels).loss.item()
+        n = int((labels[0, 1:] != -100).sum())
+        nll, count = nll + loss * n, count + n
+    return math.exp(nll / count), count
+
+
+def raw_forward(model, ids: list[int], max_length: int, batch_size: int, bos: int | None) -> int:
+    """Forward passes over the evaluator's batches (logits of every position), nothing scored."""
+    spans = measure.windows(len(ids), max_length, max_length, bos is not None)[0]
+    tokens = 0
+    for batch in measure._equal_length_batches(spans, batch_size):
+        rows = [([bos] if bos is not None else []) + ids[begin:end] for begin, end, _ in batch]
+        with torch.no_grad():
+            model(input_ids=torch.tensor(rows)).logits.float()
+        tokens += sum(len(r) for r in rows)
+    return tokens
+
+
+def lm_eval_rolling(model, tokenizer, text: str, max_length: int, batch_size: int):
+    """lm-evaluation-harness's rolling log-likelihood of `text`; None when lm_eval is not installed."""
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device="cpu")
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    (loglikelihood,) = lm.loglikelihood_rolling([request], disable_tqdm=True)
+    return loglikelihood, len(lm.tok_encode(text))
+
+
+def timed(function):
+    start = time.perf_counter()
+    value = function()
+    return value, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    source = models.resolve("bundled")
+    tokenizer = models.load_tokenizer(source)
+    ids = data.eval_tokens(tokenizer, data.builtin_eval_text(), args.tokens)
+    bos = measure.expects_bos(tokenizer)
+    model = models.load_model(source, "cpu")
+    batch = auto_batch_size("cpu")
+    length = args.max_length
+    measure.perplexity(model, ids[:600], length, length, bos_token_id=bos)  # warm-up
+    recording = divergence.Divergence.recording()
+    measure.perplexity(model, ids, length, length, batch, bos, divergence=recording)
+    reference = recording.recorded_reference()
+    text = tokenizer.decode(ids)
+
+    runs = {
+        "workbench": lambda: measure.perplexity(model, ids, length, length, batch, bos),
+        "workbench + KL": lambda: measure.perplexity(model, ids, length, length, batch, bos,
+                                                     divergence=divergence.Divergence.against(reference)),
+        "plain loop": lambda: plain_loop(model, ids, length, bos),
+        "raw forward": lambda: raw_forward(model, ids, length, batch, bos),
+        "lm-eval rolling": lambda: lm_eval_rolling(model, tokenizer, text, length, batch),
+    }
+    best, values = {}, {}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            values[name], seconds = timed(run)
+            if values[name] is not None:
+                best[name] = min(seconds, best.get(name, math.inf))
+
+    ours = values["workbench"]
+    rate = {"workbench": ours.n_tokens / best["workbench"], "workbench + KL": ours.n_tokens / best["workbench + KL"],
+            "plain loop": values["plain loop"][1] / best["plain loop"], "raw forward": values["raw forward"] / best["raw forward"]}
+    print(f"model {source.label}, {len(ids)} tokens, windows of {length}, workbench batch {batch} (chosen for cpu), "
+          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"perplexity: workbench {ours.ppl:.5f}, plain loop {values['plain loop'][0]:.5f} "
+          f"(relative difference {abs(ours.ppl / values['plain loop'][0] - 1):.1e})")
+    if values["lm-eval rolling"] is not None:
+        loglikelihood, n = values["lm-eval rolling"]
+        rate["lm-eval rolling"] = n / best["lm-eval rolling"]
+        print(f"lm-eval: {n} tokens, perplexity {math.exp(-loglikelihood / n):.5f} (scores the first token too, after EOT)")
+    else:
+        print("lm-eval: not installed (pip install lm-eval==0.4.13), its ratio is not measured")
+    for name, value in rate.items():
+        print(f"{name:16s} {value:7.0f} tok/s  ({best[name]:.2f} s)")
+    print(f"ratio workbench / plain loop:      {rate['workbench'] / rate['plain loop']:.2f}x (goal >= 1.0)")
+    if "lm-eval rolling" in rate:
+        print(f"ratio workbench / lm-eval rolling: {rate['workbench'] / rate['lm-eval rolling']:.2f}x (goal >= 1.0)")
+    print(f"ratio workbench / raw forward:     {rate['workbench'] / rate['raw forward']:.2f}x (goal >= 0.95)")
+    print(f"KL overhead (time with / without): {best['workbench + KL'] / best['workbench']:.2f}x (goal <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
