@@ -172,10 +172,12 @@ def test_a_model_that_scales_its_logits_is_scored_from_its_full_logits():
     assert scored[0] == pytest.approx(_full_logits_nll(model, ids, ids)[0], rel=1e-6)
 
 
-def test_scoring_does_not_hold_the_whole_batch_of_logits():
+def test_scoring_does_not_hold_the_whole_batch_of_logits(monkeypatch):
     """A 50,000-token vocabulary over 4 x 256 positions: 200 MB of fp32 logits (and as much for
-    their log-softmax) when scored at once; chunked, a small part of that."""
+    their log-softmax) when scored at once; in chunks of 16 MB, a small part of that."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(measure, "LOGITS_CHUNK_ELEMENTS", 2**22)
 
     model = _small(LlamaForCausalLM, LlamaConfig, vocab=50_000)
     ids = torch.randint(0, 50_000, (4, 256))
