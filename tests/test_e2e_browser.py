@@ -29,7 +29,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
          "--disable-sync", "--no-first-run"]
 TOKEN = "workbench-e2e"
 # Short runs: the point here is what a person sees, the numbers are tested elsewhere.
-KERNEL_ENV = {"WB_METHODS": "fp32,bnb-nf4", "WB_EVAL_TOKENS": "256", "WB_NEW_TOKENS": "8", "WB_STEPS": "4", "WB_DEPLOY": "rtn"}
+KERNEL_ENV = {"WB_METHODS": "fp32,bnb-nf4", "WB_EVAL_TOKENS": "256", "WB_NEW_TOKENS": "8", "WB_STEPS": "4", "WB_DEPLOY": "rtn",
+              "WB_MAP_TOKENS": "32", "WB_MAP_BLOCKS": "28,29", "WB_SWEEP": "rtn:bits=3,4"}  # 05: a short map, a sweep of rows it measured
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 

@@ -9,6 +9,8 @@ from ._base import table_html
 from .claims import ClaimsPanel
 from .finetune import FineTunePanel, MergeDeployPanel
 from .pickers import MethodPicker, ModelPicker
+from .sensitivity import SensitivityPanel
 from .work import ComparePanel, GeneratePanel, QuantizePanel
 
-__all__ = ["table_html", "ModelPicker", "MethodPicker", "QuantizePanel", "ComparePanel", "GeneratePanel", "FineTunePanel", "MergeDeployPanel", "ClaimsPanel"]
+__all__ = ["table_html", "ModelPicker", "MethodPicker", "QuantizePanel", "ComparePanel", "GeneratePanel", "FineTunePanel", "MergeDeployPanel", "ClaimsPanel",
+           "SensitivityPanel"]
