@@ -85,9 +85,9 @@ class EvalConfig:
 
 def auto_batch_size(device: str) -> int:
     """Windows per forward pass when none is asked for. CPU: 4, measured on SmolLM2-135M with
-    windows of 512 on 2 cores (2,048 tokens: batch 1 took 30-36 s of CPU time, batch 2 21-24 s,
-    batch 4 19-20 s: larger matrix products use the cores better; the logits are computed in
-    64 MB chunks, so a larger batch costs activations only). CUDA: 16, since a GPU needs many
+    windows of 512 on an idle 2-core machine (2,048 tokens, best of 3: batch 1 4.91 s, batch 2
+    4.44 s, batch 4 4.57 s: larger matrix products use the cores better; the logits are computed
+    in 64 MB chunks, so a larger batch costs activations only). CUDA: 16, since a GPU needs many
     rows in flight to be busy and 16 windows of 512 tokens hold well under 1 GB of activations
     for models of a few billion parameters."""
     return 16 if device == "cuda" else 4
