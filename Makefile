@@ -44,7 +44,6 @@ test-e2e: setup
 	$(PY) -m pytest tests/test_e2e_browser.py -m e2e
 
 bench: setup
-	$(PY) bench/perplexity_throughput.py
 	$(PY) bench/workbench_overhead.py
 	$(PY) bench/worker_isolation.py
 	$(PY) bench/evaluator_speed.py

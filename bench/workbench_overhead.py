@@ -17,7 +17,7 @@ import torch
 from workbench import runner
 from workbench.config import EvalConfig, ModelSpec
 
-from perplexity_throughput import reference_loop
+from evaluator_speed import plain_loop
 
 
 def direct_bnb_nf4(folder: str):
@@ -49,7 +49,7 @@ def main() -> None:
     session = runner.Session.open(ModelSpec("bundled", device="cpu"), EvalConfig(max_tokens=args.tokens, decode_tokens=0), log=lambda m: None)
     for name, direct in DIRECT.items():
         start = time.perf_counter()
-        ref_ppl, _ = reference_loop(direct(session.source.location), session.eval_ids, 512)
+        ref_ppl, _ = plain_loop(direct(session.source.location), session.eval_ids, 512, session.bos_id)
         direct_s = time.perf_counter() - start
 
         start = time.perf_counter()

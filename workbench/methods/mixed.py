@@ -46,6 +46,11 @@ def stored_bits(width: int, group_size: int) -> float:
     return packed_storage(METHODS[0], {"bits": width, "group_size": group_size}, "cpu")[0]
 
 
+def map_choice(widths: tuple[int, ...], group_size: int) -> str:
+    """The map a plan is chosen from: RTN at the smallest width, one layer or block at a time."""
+    return f"rtn:bits={widths[0]}:group_size={group_size}"
+
+
 def choose(source, params: dict, log=print):
     """(plan, map) for these parameters, the map read from the cache or computed."""
     from .. import sensitivity  # imports the registry: not at import time
@@ -54,7 +59,7 @@ def choose(source, params: dict, log=print):
     group = params["group_size"]
     check_group_size("mixed", group, source)
     unit = "block" if params["granularity"] == "block" else "layer"
-    smap, _ = sensitivity.load_or_compute(source, f"rtn:bits={widths[0]}:group_size={group}", params["map_tokens"], unit, log=log)
+    smap, _ = sensitivity.load_or_compute(source, map_choice(widths, group), params["map_tokens"], unit, log=log)
     budget = mixed.budget_from_mb(params["budget_mb"], smap) if params["budget_mb"] > 0 else params["budget_bits"]
     chosen = mixed.plan(smap, budget, widths, params["granularity"], cost=lambda w: stored_bits(w, group))
     return (mixed.against_map(chosen) if params["placement"] == "against" else chosen), smap

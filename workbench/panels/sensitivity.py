@@ -28,7 +28,7 @@ import ipywidgets as widgets
 from .. import charts, executors, methods, mixed, results, runner, sensitivity
 from ..config import EvalConfig
 from ..errors import WorkbenchError
-from ..methods.mixed import parse_widths, stored_bits
+from ..methods.mixed import map_choice, parse_widths, stored_bits
 from ..sensitivity_charts import heatmap
 from ._base import FigureArea, Job, JobState, Panel, table_html
 from .pickers import ModelPicker
@@ -54,7 +54,7 @@ class Settings:
     @property
     def mixing_method(self) -> str:
         """The map `mixed` plans from: RTN at the smallest width (`methods.mixed.choose`)."""
-        return f"rtn:bits={self.widths[0]}:group_size={self.group_size}"
+        return map_choice(self.widths, self.group_size)
 
     def cost(self, width: int) -> float:
         """Stored bits per weight of an RTN layer at `width`, scales included."""
