@@ -65,24 +65,42 @@ def model_nll_sum(model, input_ids, labels, attention_mask=None, divergence=None
 
 def _score_rows(rows, targets, divergence=None, head=None) -> tuple[float, int]:
     """Summed NLL of `targets` over `rows` (logits, or hidden states when `head` is given),
-    LOGITS_CHUNK_ELEMENTS logits at a time. Without a divergence the fused cross entropy;
-    with one, the log-softmax it needs anyway is shared with the KL."""
+    LOGITS_CHUNK_ELEMENTS logits at a time, into buffers reused from chunk to chunk: on CPU a
+    fresh 64 MB block costs its page faults every time (head and loss on 2,048 positions of
+    SmolLM2, 2 cores: 1.03 s in fresh blocks, 0.86 s reusing them; the head alone as one
+    product 0.82 s). Where gradients are wanted, fresh blocks (autograd keeps them). The
+    log-softmax is shared with the KL (`divergence`)."""
     import torch
-    import torch.nn.functional as F
 
     vocab = head.out_features if head is not None else rows.shape[-1]
-    step = max(1, LOGITS_CHUNK_ELEMENTS // vocab)
+    step = max(1, min(LOGITS_CHUNK_ELEMENTS // vocab, len(targets)))
+    head_parameters = head.parameters() if head is not None else ()
+    reuse = not (torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head_parameters)))
+    logp = torch.empty(step, vocab, dtype=torch.float32, device=rows.device) if reuse else None
+    logits_into = torch.empty_like(logp) if reuse and _plain_linear_on_cpu(head, rows) else None
     total = 0.0
     for start in range(0, len(targets), step):
         chunk, chunk_targets = rows[start:start + step], targets[start:start + step]
-        logits = (head(chunk) if head is not None else chunk).float()
-        if divergence is None:
-            total += F.cross_entropy(logits, chunk_targets, reduction="sum").item()
-            continue
-        logp = torch.log_softmax(logits, dim=-1)
-        total -= logp.gather(1, chunk_targets[:, None]).sum().item()
-        divergence.add(logp, chunk_targets)
+        n = len(chunk_targets)
+        if logits_into is not None:
+            logits = torch.matmul(chunk, head.weight.t(), out=logits_into[:n])
+        else:
+            logits = (head(chunk) if head is not None else chunk).float()
+        chunk_logp = torch.log_softmax(logits, dim=-1, out=logp[:n]) if reuse else torch.log_softmax(logits, dim=-1)
+        total -= chunk_logp.gather(1, chunk_targets[:, None]).sum().item()
+        if divergence is not None:
+            divergence.add(chunk_logp, chunk_targets)
     return total, len(targets)
+
+
+def _plain_linear_on_cpu(head, rows) -> bool:
+    """Whether `head(rows)` is exactly `rows @ head.weight.T` in fp32 on the CPU (a plain
+    `nn.Linear`, no bias, no hooks), so that it can be written into a reused buffer."""
+    import torch
+
+    return (type(head) is torch.nn.Linear and head.bias is None and rows.device.type == "cpu"
+            and head.weight.dtype == rows.dtype == torch.float32 and head.weight.device.type == "cpu"
+            and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook")))
 
 
 _HEAD_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

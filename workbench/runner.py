@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from . import data, divergence, methods, models, remote_code
+from . import allocator, data, divergence, methods, models, remote_code
 from . import measure as measuring
 from .config import EvalConfig, ModelSpec
 from .errors import WorkbenchError
@@ -287,6 +287,7 @@ def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] 
     try:
         with measuring.PeakMemory(session.device, whole_process=mode in ("worker", "ray")) as peak:
             built = build(session, choice, log)
+            allocator.release_freed()  # what quantizing freed goes back to the system before measuring
             measured = measure(session, built, log, progress)
     except BaseException as exc:
         if built is not None:
