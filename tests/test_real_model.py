@@ -1,7 +1,7 @@
 """The effects a learner comes to see, measured on the real offline model (SmolLM2-135M).
 
 All methods are run once on the same 2048 evaluation tokens (windows of 512, no overlap)
-and the checks compare them. Takes about 4 minutes on 2 CPU cores, most of it GPTQ.
+and the checks compare them. Takes about 2.5 minutes on 2 CPU cores, a third of it GPTQ (on 4 calibration blocks, for time).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from workbench.config import EvalConfig, ModelSpec
 
 pytestmark = pytest.mark.slow
 
+GPTQ = "gptq:samples=4"  # 4 calibration blocks instead of 16: 46 s instead of 68 s here, perplexity 17.9 instead of 16.9
 METHODS = ["fp32", "bnb-int8", "quanto-int8", "torchao-int8", "bnb-nf4", "bnb-nf4:double_quant=false", "bnb-fp4",
-           "quanto-int2", "hqq", "rtn", "gptq"]
+           "quanto-int2", "hqq", "rtn", GPTQ]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def measured():
 
 @pytest.fixture(scope="module")
 def ppl(measured):
-    return {label: r.ppl for label, r in measured[1].items()}
+    by_label = {label: r.ppl for label, r in measured[1].items()}
+    return {**by_label, "gptq": by_label[methods.parse(GPTQ).label]}
 
 
 def test_double_quantization_saves_about_0_37_bits_per_weight(measured):
