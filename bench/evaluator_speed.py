@@ -3,16 +3,14 @@
 All score the same tokens of the offline model with windows of --max-length tokens:
 - workbench: `measure.perplexity` with the batch size chosen for the device;
 - plain loop: one `model(input_ids, labels=...)` per window, the workbench's windows;
-- raw forward: `model(input_ids)` on the workbench's batches, logits only (the hardware
-  limit the evaluator is held to: it adds the loss and nothing else);
+- raw forward: `model(input_ids, use_cache=False)` on the workbench's batches, logits only
+  (the hardware limit the evaluator is held to: it adds the loss and nothing else);
 - lm-evaluation-harness `loglikelihood_rolling` (when `lm_eval` imports: see the README's
   bench section for the pip line), with windows of --max-length positions like ours;
 - KL: the evaluator with the KL statistics against a recorded reference (issue 12: at most
   15% on top of an evaluation).
-The text is cut to whole windows so that every evaluator runs the same windows: ours hold a BOS
-and --max-length - 1 text tokens, lm-eval's hold --max-length tokens after its EOT prefix, so
-4,096 tokens would give us a ninth window of 8 tokens that lm-eval does not run (measured: that
-alone moved the lm-eval ratio from 1.02x to 0.96x).
+The text is cut to whole windows so that every evaluator runs the same windows (with a BOS,
+ours hold it and --max-length - 1 text tokens; SmolLM2 has none, and 4,096 tokens are 8 windows).
 Each is run --repeats times, interleaved, and its fastest run counts. Ratios are printed last.
 Run: .venv/bin/python bench/evaluator_speed.py [--tokens 4096] [--max-length 512]
 """
@@ -50,7 +48,7 @@ def raw_forward(model, ids: list[int], max_length: int, batch_size: int, bos: in
     for batch in measure._equal_length_batches(spans, batch_size):
         rows = [([bos] if bos is not None else []) + ids[begin:end] for begin, end, _ in batch]
         with torch.no_grad():
-            model(input_ids=torch.tensor(rows)).logits.float()
+            model(input_ids=torch.tensor(rows), use_cache=False).logits.float()
         tokens += sum(len(r) for r in rows)
     return tokens
 

@@ -307,8 +307,10 @@ def _evaluate_fresh(source, device, eval_cfg, choice_text, adapter, method_modul
 
     import torch
 
-    from . import methods, models, runner
+    from . import allocator, methods, models, runner
 
+    if device == "cpu":
+        allocator.share_one_heap()  # the method's peak, not its threads' heaps (see allocator)
     if threads:
         torch.set_num_threads(threads)
     importlib.import_module(method_module)  # a method registered outside the package registers itself here too

@@ -55,9 +55,9 @@ def model_nll_sum(model, input_ids, labels, attention_mask=None, divergence=None
     (logit scaling or soft-capping) are found by `_plain_head` and scored from full logits."""
     parts = _plain_head(model, input_ids, attention_mask)
     if parts is None:
-        return nll_sum(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels, divergence)
+        return nll_sum(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, labels, divergence)
     decoder, head = parts
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     targets = labels[:, 1:]
     scored = targets != -100
     return _score_rows(hidden[:, :-1][scored], targets[scored], divergence, head)
@@ -327,10 +327,13 @@ class PeakMemory:
     the kernel's exact high-water mark, reset when the block starts (Linux), else sampled every
     10 ms (plus, in a fresh worker process, the kernel's peak since the process started)."""
 
-    def __init__(self, device: str, whole_process: bool = False):
+    def __init__(self, device: str, whole_process: bool = False, large_blocks_apart: bool = False):
+        from .allocator import LARGE_BLOCK_BYTES
+
         self.device, self.whole_process = device, whole_process
         self.peak_bytes, self.reserved_bytes, self.baseline_bytes = 0, None, 0
-        self.kind = "cuda max allocated" if device == "cuda" else "peak RSS"
+        apart = f" (blocks of {LARGE_BLOCK_BYTES >> 20} MiB and more mapped apart)" if large_blocks_apart else ""
+        self.kind = "cuda max allocated" if device == "cuda" else f"peak RSS{apart}"
 
     @property
     def above_baseline_bytes(self) -> int:

@@ -285,7 +285,8 @@ def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] 
         return Evaluated(failed(session, str(choice), str(exc), mode=mode))
     built = None
     try:
-        with measuring.PeakMemory(session.device, whole_process=mode in ("worker", "ray")) as peak:
+        with allocator.large_blocks_apart(session.device) as apart, \
+                measuring.PeakMemory(session.device, mode in ("worker", "ray"), apart) as peak:
             built = build(session, choice, log)
             allocator.release_freed()  # what quantizing freed goes back to the system before measuring
             measured = measure(session, built, log, progress)
