@@ -2,8 +2,8 @@
 
 glibc keeps memory a process frees: after the first large block is freed it raises its
 mmap threshold (up to 32 MiB), so later blocks of that size come from the heap and stay
-resident after they are freed, in holes whose layout changes from run to run. Two fixes,
-both measured on the bundled model in fresh workers (2 CPU cores):
+resident after they are freed, in holes whose layout changes from run to run. Three
+remedies, measured on the bundled model in fresh workers (2 CPU cores):
 
 - `release_freed` hands the heap's free memory back between quantizing and measuring: gptq
   held 1031-1110 MB after quantizing and peaked at 1262-1324 MB above the baseline; after
@@ -14,12 +14,12 @@ both measured on the bundled model in fresh workers (2 CPU cores):
   peaked at 878-1084 MB above the baseline without it (23% apart, the same code and input),
   913-943 MB with it (3%). Its price is page faults when such a block is allocated again:
   perplexity took 1.07x (bnb-nf4), 1.12x (fp32) and 1.34x (rtn) as long, in one process,
-  interleaved. A 1 MiB threshold gave the same spread; 4 MiB and 16 MiB did not help.
-  8 MiB: bnb-nf4 809-1068 MB, rtn 561-1020 MB.
+  interleaved. A 1 MiB threshold gave the same spread; 4, 8 and 16 MiB did not help (8 MiB:
+  bnb-nf4 809-1068 MB, rtn 561-1020 MB).
 - `share_one_heap` (workers) makes threads share one heap: rtn (gptqmodel quantizes in a
   thread pool) then peaked at 512-544 MB in four workers, 550-599 MB with a heap per thread.
 
-Elsewhere (macOS, Windows, musl) both do nothing beyond collecting garbage, and say so.
+Elsewhere (macOS, Windows, musl) they do nothing beyond collecting garbage, and say so.
 """
 
 from __future__ import annotations
