@@ -18,6 +18,7 @@ import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
+from .allocator import LARGE_BLOCK_BYTES
 from .errors import WorkbenchError
 
 MIN_DECODE_TOKENS = 8
@@ -328,8 +329,6 @@ class PeakMemory:
     10 ms (plus, in a fresh worker process, the kernel's peak since the process started)."""
 
     def __init__(self, device: str, whole_process: bool = False, large_blocks_apart: bool = False):
-        from .allocator import LARGE_BLOCK_BYTES
-
         self.device, self.whole_process = device, whole_process
         self.peak_bytes, self.reserved_bytes, self.baseline_bytes = 0, None, 0
         apart = f" (blocks of {LARGE_BLOCK_BYTES >> 20} MiB and more mapped apart)" if large_blocks_apart else ""
