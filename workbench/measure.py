@@ -66,27 +66,29 @@ def model_nll_sum(model, input_ids, labels, attention_mask=None, divergence=None
 
 def _score_rows(rows, targets, divergence=None, head=None) -> tuple[float, int]:
     """Summed NLL of `targets` over `rows` (logits, or hidden states when `head` is given),
-    LOGITS_CHUNK_ELEMENTS logits at a time, into buffers reused from chunk to chunk: on CPU a
+    LOGITS_CHUNK_ELEMENTS logits at a time, into one buffer reused from chunk to chunk: on CPU a
     fresh 64 MB block costs its page faults every time (head and loss on 2,048 positions of
     SmolLM2, 2 cores: 1.03 s in fresh blocks, 0.86 s reusing them; the head alone as one
-    product 0.82 s). With gradients on, fresh blocks. The log-softmax is shared with the KL
+    product 0.82 s). A plain head writes its logits into the buffer and the log-softmax
+    overwrites them there (eight windows of 512: 2.4% faster than into a second buffer, and
+    64 MB less). With gradients on, fresh blocks. The log-softmax is shared with the KL
     (`divergence`)."""
     import torch
 
     vocab = head.out_features if head is not None else rows.shape[-1]
     step = max(1, min(LOGITS_CHUNK_ELEMENTS // vocab, len(targets)))
     reuse = not torch.is_grad_enabled()  # every caller scores under no_grad; autograd would keep the blocks
-    logp = torch.empty(step, vocab, dtype=torch.float32, device=rows.device) if reuse else None
-    logits_into = torch.empty_like(logp) if reuse and _plain_linear_on_cpu(head, rows) else None
+    buffer = torch.empty(step, vocab, dtype=torch.float32, device=rows.device) if reuse else None
+    head_into_buffer = reuse and _plain_linear_on_cpu(head, rows)
     total = 0.0
     for start in range(0, len(targets), step):
         chunk, chunk_targets = rows[start:start + step], targets[start:start + step]
         n = len(chunk_targets)
-        if logits_into is not None:
-            logits = torch.matmul(chunk, head.weight.t(), out=logits_into[:n])
+        if head_into_buffer:
+            logits = torch.matmul(chunk, head.weight.t(), out=buffer[:n])
         else:
             logits = (head(chunk) if head is not None else chunk).float()
-        chunk_logp = torch.log_softmax(logits, dim=-1, out=logp[:n]) if reuse else torch.log_softmax(logits, dim=-1)
+        chunk_logp = torch.log_softmax(logits, dim=-1, out=buffer[:n]) if reuse else torch.log_softmax(logits, dim=-1)
         total -= chunk_logp.gather(1, chunk_targets[:, None]).sum().item()
         if divergence is not None:
             divergence.add(chunk_logp, chunk_targets)

@@ -25,6 +25,12 @@ from typing import Iterator
 LIBRARY_LOG = Path("results") / "library.log"
 """Where notebooks and panels send library output (relative to the notebook's folder)."""
 
+# gptqmodel's progress bars (logbar) draw into a notebook through IPython display handles, past
+# every redirect: under pytest (nbval) an in-process rtn quantization of a 2-block model sent 166
+# display messages, and a cell of 447 timed nbval out. Told it is not in a notebook, logbar
+# writes to stdout, which `library_output` sends to the log.
+os.environ.setdefault("LOGBAR_DISABLE_NOTEBOOK_DETECTION", "1")
+
 _lock = threading.Lock()
 _active = 0
 
