@@ -559,6 +559,20 @@ def test_a_stopped_run_keeps_what_finished_and_removes_its_temporary_folders(tmp
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
+def test_a_temporary_folder_too_deep_for_the_fork_servers_socket_still_runs_workers(tmp_path, tiny_folder):
+    """multiprocessing's fork server listens on a Unix socket inside the temporary folder (at most
+    107 bytes of path on Linux): with a deeper TMPDIR `compare` died with "AF_UNIX path too long";
+    now the workers are spawned instead."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    env = {**os.environ, "TMPDIR": str(deep), "HF_HUB_OFFLINE": "1"}
+    argv = ["compare", "--model", tiny_folder, "--methods", "fp32", "--out", tmp_path / "out", *FAST[:-1]]
+    done = subprocess.run([sys.executable, "-m", "workbench", *map(str, argv)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert row["error"] is None and row["mode"] == "worker"
+
+
 def test_gptqmodel_writes_no_logs_into_the_working_directory(capsys, case, monkeypatch):
     cwd = case.tmp / "cwd"
     cwd.mkdir()

@@ -205,14 +205,23 @@ WORKER_PRELOAD = ["torch", "transformers", "transformers.modeling_utils", "trans
 loads its submodules lazily: without them a worker spent 2.5 s opening the session)."""
 
 
+SOCKET_PATH_LIMIT = 107 if sys.platform.startswith("linux") else 103
+"""Longest path of a Unix socket (108 bytes on Linux, 104 on macOS, the terminating NUL included)."""
+
+
 def _worker_context():
     """Workers are forked from a fork server that imported WORKER_PRELOAD once (about 2 s a worker
     saved); nothing else is shared: the fork server never builds a model, touches CUDA or imports
     a method's backend, so each worker starts from the same state. Where fork servers do not
-    exist, spawn."""
+    exist, or the temporary folder's path is too long for the fork server's socket (a deep
+    TMPDIR made `compare` fail with "AF_UNIX path too long"), spawn."""
     import multiprocessing
+    from multiprocessing import util
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
+        return get_context("spawn")
+    socket = os.path.join(util.get_temp_dir(), "listener-xxxxxxxx")  # how multiprocessing names it
+    if len(os.fsencode(socket)) > SOCKET_PATH_LIMIT:
         return get_context("spawn")
     context = get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
