@@ -33,10 +33,17 @@ $(WIDGETS7)/.installed: $(STAMP)
 	$(PY) -m pip install -q --no-deps --target $(WIDGETS7) ipywidgets==7.7.1 ipython_genutils==0.2.0
 	touch $@
 
+# Two pytest workers, one test file each at a time, each on half the cores: serially the suite
+# kept a core idle about half the time (notebook kernels and worker processes starting, waits)
+# and took 18:16 on 2 cores; so 11-12 minutes.
+TEST_WORKERS ?= 2
+TEST_THREADS ?= $(shell $(PYTHON) -c "import os; print(max(1, (os.cpu_count() or 2) // $(TEST_WORKERS)))")
+
 test: setup $(WIDGETS7)/.installed
+	OMP_NUM_THREADS=$(TEST_THREADS) \
 	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 WB_STEPS=4 WB_DEPLOY=rtn \
 		WB_MAP_TOKENS=32 WB_MAP_BLOCKS=29 WB_SWEEP=rtn:bits=3,4 \
-		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env
+		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env -n $(TEST_WORKERS) --dist loadfile
 	WORKBENCH_EXPECT_IPYWIDGETS=7.7.1 PYTHONPATH=$(WIDGETS7) $(PY) -m pytest tests/test_panels.py
 
 # The notebooks in JupyterLab, driven by headless Chromium (Debian's package: apt-get install -y chromium).
