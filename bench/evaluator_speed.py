@@ -123,7 +123,7 @@ def main() -> None:
     tokens = {"workbench": ours.n_tokens, "workbench + KL": ours.n_tokens, "plain loop": values["plain loop"][1],
               "raw forward": values["raw forward"]}
     print(f"model {source.label}, {len(ids)} tokens, windows of {length}, workbench batch {batch} (chosen for cpu), "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+          f"{torch.get_num_threads()} threads, {args.repeats} rounds")
     print(f"perplexity: workbench {ours.ppl:.5f}, plain loop {values['plain loop'][0]:.5f} "
           f"(relative difference {abs(ours.ppl / values['plain loop'][0] - 1):.1e})")
     if values["lm-eval rolling"] is not None:
