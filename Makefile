@@ -43,7 +43,7 @@ test: setup $(WIDGETS7)/.installed
 	OMP_NUM_THREADS=$(TEST_THREADS) \
 	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 WB_STEPS=4 WB_DEPLOY=rtn \
 		WB_MAP_TOKENS=32 WB_MAP_BLOCKS=29 WB_SWEEP=rtn:bits=3,4 \
-		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env -n $(TEST_WORKERS) --dist loadfile
+		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 	WORKBENCH_EXPECT_IPYWIDGETS=7.7.1 PYTHONPATH=$(WIDGETS7) $(PY) -m pytest tests/test_panels.py
 
 # The notebooks in JupyterLab, driven by headless Chromium (Debian's package: apt-get install -y chromium).

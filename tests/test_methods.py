@@ -104,3 +104,17 @@ def _calibration(method, params, session):
 
 def _ppl(model, session):
     return measure.perplexity(model, session.eval_ids, 128, 128).ppl
+
+
+def test_gptqmodel_methods_run_on_a_one_core_machine(tiny_folder, tmp_path):
+    """gptqmodel refuses a CPU thread pool of 1 ("requests 2 workers but parent 'cpu' only has 1"):
+    on one core the workbench still asks it for 2."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys; os.cpu_count = lambda: 1; os.environ.pop('GPTQMODEL_CPU_WORKERS', None); "
+              "from workbench.cli import main; sys.exit(main(sys.argv[1:]))")
+    argv = ["compare", "--model", tiny_folder, "--methods", "rtn", "--out", tmp_path / "out", "--max-length", "64",
+            "--max-tokens", "64", "--decode-tokens", "0", "--in-process"]
+    done = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

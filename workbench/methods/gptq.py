@@ -42,7 +42,9 @@ def packed_storage(method, params, device):
 
 def quantize_with_gptqmodel(request, method: str, config, backend=None):
     """Quantize with gptqmodel, save to `request.workdir`, reload through transformers."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    # gptqmodel's CPU thread pool: one per core, but at least 2 (with 1 it refuses to start:
+    # "Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only has 1")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
     from gptqmodel import GPTQModel
 
     check_group_size(method, request.params["group_size"], request.source)
