@@ -33,14 +33,15 @@ $(WIDGETS7)/.installed: $(STAMP)
 	$(PY) -m pip install -q --no-deps --target $(WIDGETS7) ipywidgets==7.7.1 ipython_genutils==0.2.0
 	touch $@
 
-# Two pytest workers, one test file each at a time, each on half the cores: serially the suite
-# kept a core idle about half the time (notebook kernels and worker processes starting, waits)
-# and took 18:16 on 2 cores; so 11-12 minutes.
+# Two pytest workers, one test file each at a time (longest first: tests/conftest.py). Torch in
+# each uses every core, and its OpenMP threads sleep while they wait instead of spinning
+# (OMP_WAIT_POLICY=PASSIVE), so the workers share the cores without burning them. Serially the
+# suite kept a core idle about half the time: 18:16 on 2 cores; two workers on one thread each
+# 13:57, on every core each 12:51 (2026-12-02).
 TEST_WORKERS ?= 2
-TEST_THREADS ?= $(shell $(PYTHON) -c "import os; print(max(1, (os.cpu_count() or 2) // $(TEST_WORKERS)))")
 
 test: setup $(WIDGETS7)/.installed
-	OMP_NUM_THREADS=$(TEST_THREADS) \
+	OMP_WAIT_POLICY=PASSIVE \
 	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 WB_STEPS=4 WB_DEPLOY=rtn \
 		WB_MAP_TOKENS=32 WB_MAP_BLOCKS=29 WB_SWEEP=rtn:bits=3,4 \
 		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
