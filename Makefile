@@ -37,7 +37,7 @@ $(WIDGETS7)/.installed: $(STAMP)
 # each uses every core, and its OpenMP threads sleep while they wait instead of spinning
 # (OMP_WAIT_POLICY=PASSIVE), so the workers share the cores without burning them. Serially the
 # suite kept a core idle about half the time: 18:16 on 2 cores; two workers on one thread each
-# 13:57, on every core each 12:51 (2026-12-02).
+# 13:57, on every core each 12:51 and 14:30 (2026-12-02; the machine's speed varies by 20-40%).
 TEST_WORKERS ?= 2
 
 test: setup $(WIDGETS7)/.installed
