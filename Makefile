@@ -27,7 +27,8 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: setup
 	$(PY) -m workbench compare --model bundled --max-tokens 2048 --decode-tokens 16 --out results
 
-# Colab ships ipywidgets 7.7.1: the panel tests run a second time with it first on the path.
+# Colab ships ipywidgets 7.7.1: the panel tests run a second time with it first on the path
+# (tests/test_panels_on_ipywidgets7.py, one test that runs beside the others on the pytest workers).
 WIDGETS7 := .widgets7
 $(WIDGETS7)/.installed: $(STAMP)
 	$(PY) -m pip install -q --no-deps --target $(WIDGETS7) ipywidgets==7.7.1 ipython_genutils==0.2.0
@@ -45,7 +46,6 @@ test: setup $(WIDGETS7)/.installed
 	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 WB_STEPS=4 WB_DEPLOY=rtn \
 		WB_MAP_TOKENS=32 WB_MAP_BLOCKS=29 WB_SWEEP=rtn:bits=3,4 \
 		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
-	WORKBENCH_EXPECT_IPYWIDGETS=7.7.1 PYTHONPATH=$(WIDGETS7) $(PY) -m pytest tests/test_panels.py
 
 # The notebooks in JupyterLab, driven by headless Chromium (Debian's package: apt-get install -y chromium).
 test-e2e: setup

@@ -1,7 +1,9 @@
 """Benchmark (c): what measuring each method in its own worker process costs and buys.
 
 On the offline model, in one run:
-1. wall time of the method set measured in worker processes vs in this process (goal <= 1.10);
+1. wall time of the method set measured in worker processes vs in this process (goal <= 1.10),
+   each method timed in both modes back to back (which mode goes first alternates), so that the
+   machine's drift over minutes (10-50% here) falls on both sides alike;
 2. order independence: the set in two orders, each method in a fresh worker; each method's
    peak memory above the worker's baseline must agree within 5% between the orders (in one
    process it does not: what earlier methods left behind is counted);
@@ -24,16 +26,13 @@ from workbench.quiet import library_output
 MB = 2**20
 
 
-def timed_compare(session, choices, executor):
-    """Wall time of a comparison; for workers it includes starting their fork server."""
+def timed(session, choice, executor):
+    """One method's result and the wall time of its comparison."""
     start = time.perf_counter()
-    if isinstance(executor, executors.WorkerProcesses):
-        executor.warm_up()
-    results = runner.compare(session, choices, log=lambda m: None, executor=executor)
-    failed = {r.label: r.error for r in results if r.error}
-    if failed:
-        raise SystemExit(f"failed: {failed}")
-    return {r.label: r for r in results}, time.perf_counter() - start
+    (result,) = runner.compare(session, [choice], log=lambda m: None, executor=executor)
+    if result.error:
+        raise SystemExit(f"{result.label} failed: {result.error}")
+    return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -47,10 +46,25 @@ def main() -> None:
                                   EvalConfig(max_tokens=args.tokens, decode_tokens=args.decode_tokens), log=lambda m: None)
 
     library_log = Path(tempfile.gettempdir()) / "workbench-bench-library.log"
+    here, forward, backward = {}, {}, {}
+    in_process, workers = executors.InProcess(), executors.WorkerProcesses()
     with library_output(library_log):  # the in-process run's library chatter; workers keep theirs
-        here, here_s = timed_compare(session, choices, executors.InProcess())
-        forward, forward_s = timed_compare(session, choices, executors.WorkerProcesses())
-        backward, _ = timed_compare(session, list(reversed(choices)), executors.WorkerProcesses())
+        start = time.perf_counter()
+        workers.warm_up()  # the fork server's start counts for the workers
+        forward_s, here_s = time.perf_counter() - start, 0.0
+        for i, choice in enumerate(choices):  # order A, both modes back to back
+            for mode in (("worker", "here") if i % 2 == 0 else ("here", "worker")):
+                if mode == "worker":
+                    result, seconds = timed(session, choice, workers)
+                    forward[result.label] = result
+                    forward_s += seconds
+                else:
+                    result, seconds = timed(session, choice, in_process)
+                    here[result.label] = result
+                    here_s += seconds
+        for choice in reversed(choices):  # order B, workers only
+            result, _ = timed(session, choice, workers)
+            backward[result.label] = result
     print(f"library output: {library_log}")
 
     print(f"{'method':28} {'in-process peak MB':>18} {'worker peak MB (order A / B)':>30} {'A/B':>6}  {'decode tok/s':>12} {'spread':>7}")

@@ -73,6 +73,36 @@ def test_build_counts_storage_before_any_forward_pass_and_close_removes_the_work
     assert built.model is None and not built.workdir.exists()
 
 
+def test_measure_warms_up_and_hands_back_what_repacking_freed_before_scoring(tiny_session, monkeypatch):
+    """gptqmodel repacks its int4 weights for the CPU kernel in the first forward pass, freeing the
+    old ones: left in the heap while scoring, they moved rtn's peak memory from run to run by up
+    to 11% (bench/worker_isolation.py). So: warm-up pass, memory handed back, then scoring."""
+    from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
+
+    events = []
+    with runner.build(tiny_session, "rtn", log=lambda m: None) as built:
+        packed = [m for m in built.model.modules() if isinstance(m, TorchAtenLinear)]
+        modes = lambda: {m.linear_mode for m in packed}  # noqa: E731
+        assert packed and modes() == {None}  # nothing ran yet
+
+        def record(embedding, args):  # every forward pass starts here, the scoring kernel's too
+            events.append(("forward", args[0].shape[-1], modes()))
+
+        def release_freed(real=allocator.release_freed):
+            events.append(("release", None, modes()))
+            return real()
+
+        built.model.get_input_embeddings().register_forward_pre_hook(record)
+        monkeypatch.setattr(allocator, "release_freed", release_freed)
+        measured = runner.measure(tiny_session, built, log=lambda m: None)
+    warm_up_tokens = len(tiny_session.speed_prompt())
+    assert events[0] == ("forward", warm_up_tokens, {None}) and measured.warm_up_s > 0
+    assert events[1][0] == "release" and None not in events[1][2]  # every layer prepared, then memory handed back
+    scoring = events[2:]
+    assert any(length == tiny_session.eval.max_length for _, length, _ in scoring)  # the perplexity windows came after
+    assert tiny_session.planned_protocol()["warm_up_tokens"] == warm_up_tokens  # part of a result's identity
+
+
 def test_adapter_wrapped_models_count_base_and_adapter(tiny_session, tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -172,13 +202,15 @@ def test_what_the_fork_server_prints_is_library_output_not_the_callers(tiny_fold
               "max_tokens=256, decode_tokens=8), log=lambda m: None)\n"
               "    lines = []\n"
               "    (row,) = runner.compare(session, ['fp32'], log=lambda m: None, executor=executors.WorkerProcesses(library_log=lines.append))\n"
-              "    print('error:', row.error, '| library:', ' / '.join(line for line in lines if 'noisy' in line))\n")
+              "    print('error:', row.error, '| library:', ' / '.join(line for line in lines if 'noisy' in line))\n"
+              "    import os; print('server output file left:', os.path.exists(executors._fork_server_output.name))\n")
     # cwd: Python 3.11's fork server ignores the parent's sys.path when it preloads, but finds the cwd's modules
     done = subprocess.run([sys.executable, "-c", script, str(TESTS), str(tiny_folder)], capture_output=True, text=True,
                           timeout=240, cwd=TESTS)
     assert done.returncode == 0, done.stderr
     assert "noisy" not in done.stderr and done.stdout.count("noisy") == 3, (done.stdout, done.stderr)
     assert done.stdout.startswith("error: None | library: ")
+    assert "server output file left: False" in done.stdout  # read through the open file, no name left in /tmp
 
 
 def test_nan_perplexity_is_an_error_row(custom, tiny_session, recorded_reference):

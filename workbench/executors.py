@@ -22,7 +22,6 @@ measured them (`in-process`, `worker`, `ray`).
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import signal
@@ -244,10 +243,15 @@ def _start_fork_server() -> None:
     if _fork_server_output is None:
         handle, name = tempfile.mkstemp(prefix="workbench-forkserver-", suffix=".log")
         os.close(handle)
-        atexit.register(lambda: Path(name).unlink(missing_ok=True))  # Ctrl-C and SIGTERM end the CLI through exit too
         _fork_server_output = open(name, encoding="utf-8", errors="replace")
-    with library_output(Path(_fork_server_output.name)):  # inside a panel's own log, the server writes there instead
-        forkserver.ensure_running()
+    path = Path(_fork_server_output.name)
+    try:
+        with library_output(path):  # inside a panel's own log, the server writes there instead
+            forkserver.ensure_running()
+    finally:
+        # The server and this process keep the file open; its name goes now, so that no file is
+        # left in the temporary folder however this process ends (a killed kernel left them).
+        path.unlink(missing_ok=True)
 
 
 def _last_words(task: _Task) -> str:

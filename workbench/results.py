@@ -22,7 +22,8 @@ MB = 1024 * 1024
 SCHEMA = 2
 """Version of the record layout; records of another version are skipped when reading history."""
 
-IDENTITY_PROTOCOL = ("text", "text_sha", "eval_tokens", "max_length", "stride", "bos", "batch_size", "decode_tokens")
+IDENTITY_PROTOCOL = ("text", "text_sha", "eval_tokens", "max_length", "stride", "bos", "batch_size", "decode_tokens",
+                     "warm_up_tokens")
 """The protocol settings that are part of a result's identity (everything that changes a number)."""
 
 
@@ -67,7 +68,8 @@ class Result:
     """CUDA max reserved (GPU only)."""
     peak_kind: str = ""
     load_s: float | None = None
-    """Seconds to load and quantize (calibration included)."""
+    """Seconds to load and quantize (calibration included), and the warm-up forward pass where
+    backends repack weights for their kernels (`measure.warm_up`)."""
     eval_s: float | None = None
     prefill_ms: float | None = None
     decode_tokens_per_s: float | None = None
@@ -238,7 +240,8 @@ def footnotes(results: list[Result]) -> list[str]:
         notes.append(f"Peak MB: {first.peak_kind} during load + evaluation, above what the measuring process held before "
                      "loading the model (imports, tokenizer, text); both numbers are in the JSON. 'run in: worker' = a fresh "
                      "process per method, so earlier methods cannot inflate it. Weight MB: bytes of the stored tensors "
-                     "(scales and zeros included), counted before the first forward pass.")
+                     "(scales and zeros included), counted before the first forward pass. load s: load and quantize, and one "
+                     "warm-up forward pass (where backends repack weights for their kernels) before anything is timed.")
         notes.append(f"tok/s: greedy decode, batch 1, KV cache on, {p.get('decode_tokens')} new tokens; median of at least "
                      "3 repetitions and 0.5 s of decoding; spread = fastest / slowest repetition.")
         if first.model_note:

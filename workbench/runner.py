@@ -3,8 +3,10 @@
 - `build(session, choice) -> Built`: parse and check the choice, calibrate, quantize (or
   load), attach a saved adapter when asked, count the storage before any forward pass;
   the model's working folder is removed by `Built.close()`.
-- `measure(session, built) -> Measurements`: perplexity, KL against the full-precision
-  reference in the same pass (`workbench.divergence`), and decode speed.
+- `measure(session, built) -> Measurements`: one warm-up forward pass (backends repack
+  weights for their kernels there) with the memory it freed handed back, then perplexity,
+  KL against the full-precision reference in the same pass (`workbench.divergence`), and
+  decode speed.
 
 `evaluate` is the one composition that turns a choice into a `Result` (peak memory around
 both verbs; a method's own failure becomes an error row, never an exception). Where it runs
@@ -81,7 +83,12 @@ class Session:
         _, step = measuring.windows(len(self.eval_ids), self.eval.max_length, self.eval.stride, self.bos_id is not None)
         return {"text": self.eval_text.name, "text_sha": self.text_sha, "eval_tokens": len(self.eval_ids),
                 "max_length": self.eval.max_length, "stride": step, "bos": self.bos_id is not None,
-                "batch_size": self.eval.batch_for(self.device), "decode_tokens": self.eval.decode_tokens}
+                "batch_size": self.eval.batch_for(self.device), "decode_tokens": self.eval.decode_tokens,
+                "warm_up_tokens": len(self.speed_prompt())}
+
+    def speed_prompt(self) -> list[int]:
+        """The prompt of the warm-up pass and of the decode-speed runs, as token ids."""
+        return self.tokenizer(SPEED_PROMPT, add_special_tokens=True)["input_ids"]
 
     # ------------------------------------------------------------ the KL reference
 
@@ -205,16 +212,21 @@ class Measurements:
     perplexity: measuring.Perplexity
     eval_s: float
     speed: measuring.Speed | None
+    warm_up_s: float
+    """The forward pass before measuring (`measure.warm_up`): counted with the load time."""
     divergence: divergence.Stats | None = None
     """KL and top-1 agreement against the reference; None when its distributions are not recorded."""
 
 
 def measure(session: Session, built: Built, log: Callable[[str], None] = print,
                   progress: Callable[[str, int, int], None] | None = None) -> Measurements:
-    """Perplexity under the session's protocol with KL against the reference in the same pass,
-    then decode speed (when asked for). Measuring the reference itself records its
+    """A warm-up forward pass, then perplexity under the session's protocol with KL against the
+    reference in the same pass, then decode speed (when asked for). Measuring the reference itself records its
     distributions for the other methods (and its own KL, measured: 0)."""
     label = built.choice.label
+    prompt = session.speed_prompt()
+    warm_up_s = measuring.warm_up(built.model, prompt)  # backends repack weights for their kernels here
+    allocator.release_freed()  # what quantizing and repacking freed goes back to the system before scoring
     log(f"[{label}] measuring perplexity on {len(session.eval_ids)} tokens...")
     kl = _divergence_for(session, built.choice, log)
     start = time.perf_counter()
@@ -228,11 +240,10 @@ def measure(session: Session, built: Built, log: Callable[[str], None] = print,
     stats = kl.stats() if kl is not None else None
     speed = None
     if session.eval.decode_tokens:
-        prompt = session.tokenizer(SPEED_PROMPT, add_special_tokens=True)["input_ids"]
         speed = measuring.decode_speed(built.model, prompt, session.eval.decode_tokens, session.tokenizer.pad_token_id)
     shown = f", KL {stats.kl_mean:.4f} nats, top-1 same {100 * stats.top1_agreement:.1f}%" if stats else ""
     log(f"[{label}] perplexity {ppl.ppl:.2f}{shown} in {eval_s:.1f} s")
-    return Measurements(ppl, eval_s, speed, stats)
+    return Measurements(ppl, eval_s, speed, warm_up_s, stats)
 
 
 def _divergence_for(session: Session, choice: Choice, log) -> divergence.Divergence | None:
@@ -288,7 +299,6 @@ def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] 
         with allocator.large_blocks_apart(session.device) as apart, \
                 measuring.PeakMemory(session.device, mode in ("worker", "ray"), apart) as peak:
             built = build(session, choice, log)
-            allocator.release_freed()  # what quantizing freed goes back to the system before measuring
             measured = measure(session, built, log, progress)
     except BaseException as exc:
         if built is not None:
@@ -320,7 +330,7 @@ def _result(session: Session, built: Built, measured: Measurements, peak: measur
         ppl=measured.perplexity.ppl, kl_mean=stats.kl_mean if stats else None, kl_p99=stats.kl_p99 if stats else None,
         top1_agreement=stats.top1_agreement if stats else None, weight_bytes=built.storage.weight_bytes, bits_per_weight=built.storage.bits_per_weight,
         peak_bytes=peak.peak_bytes, peak_above_baseline_bytes=peak.above_baseline_bytes, peak_reserved_bytes=peak.reserved_bytes,
-        peak_kind=peak.kind, load_s=built.load_s, eval_s=measured.eval_s,
+        peak_kind=peak.kind, load_s=built.load_s + measured.warm_up_s, eval_s=measured.eval_s,
         prefill_ms=speed.prefill_ms if speed else None, decode_tokens_per_s=speed.decode_tokens_per_s if speed else None,
         decode_spread=speed.decode_spread if speed else None, decode_repeats=speed.repeats if speed else None,
         kernel=f"{choice.method.kernel}: {built.storage.kernel}", details=built.details,
