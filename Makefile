@@ -34,12 +34,14 @@ $(WIDGETS7)/.installed: $(STAMP)
 	$(PY) -m pip install -q --no-deps --target $(WIDGETS7) ipywidgets==7.7.1 ipython_genutils==0.2.0
 	touch $@
 
-# Two pytest workers, one test file each at a time (longest first: tests/conftest.py). Torch in
+# Three pytest workers, one test file each at a time (longest first: tests/conftest.py). Torch in
 # each uses every core, and its OpenMP threads sleep while they wait instead of spinning
 # (OMP_WAIT_POLICY=PASSIVE), so the workers share the cores without burning them. Serially the
 # suite kept a core idle about half the time: 18:16 on 2 cores; two workers on one thread each
 # 13:57, on every core each 12:51 and 14:30 (2026-12-02; the machine's speed varies by 20-40%).
-TEST_WORKERS ?= 2
+# Two workers still left a quarter of the cores idle (waits for worker processes, kernels, Ray):
+# 16:10 with 24 of 32 core-minutes used; three workers 13:04, twenty minutes later (2026-12-03).
+TEST_WORKERS ?= 3
 
 test: setup $(WIDGETS7)/.installed
 	OMP_WAIT_POLICY=PASSIVE \
