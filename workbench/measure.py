@@ -384,10 +384,11 @@ def warm_up(model, prompt_ids: list[int]) -> float:
 
     Backends prepare their kernels in the first forward pass: gptqmodel repacks its int4
     weights for the CPU kernel there (about 100 MB moved on the bundled model), bitsandbytes
-    its 4-bit weights on CPUs with AVX512-BF16. Inside the perplexity pass that repacking
-    moved rtn's peak memory by up to 11% from one fresh worker to the next (427-476 MB above
-    the baseline, four workers); done here, and its freed memory handed back before scoring,
-    by 1% (427-431 MB). The perplexity time no longer includes it either."""
+    its 4-bit weights on CPUs with AVX512-BF16. With that done inside the perplexity pass and
+    what it freed left in the heap, rtn's peak memory moved by up to 11% from one fresh worker
+    to the next (427-476 MB above the baseline, four workers); with the warm-up, and the freed
+    memory handed back before scoring (`runner.measure`), by 1.6% (436-443 MB, five workers).
+    The perplexity time no longer includes the repacking either."""
     import torch
 
     device = next(model.parameters()).device

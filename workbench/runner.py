@@ -221,8 +221,8 @@ class Measurements:
 def measure(session: Session, built: Built, log: Callable[[str], None] = print,
                   progress: Callable[[str, int, int], None] | None = None) -> Measurements:
     """A warm-up forward pass, then perplexity under the session's protocol with KL against the
-    reference in the same pass, then decode speed (when asked for). Measuring the reference itself records its
-    distributions for the other methods (and its own KL, measured: 0)."""
+    reference in the same pass, then decode speed (when asked for). Measuring the reference
+    itself records its distributions for the other methods (and its own KL, measured: 0)."""
     label = built.choice.label
     prompt = session.speed_prompt()
     warm_up_s = measuring.warm_up(built.model, prompt)  # backends repack weights for their kernels here
