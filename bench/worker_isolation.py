@@ -47,23 +47,19 @@ def main() -> None:
 
     library_log = Path(tempfile.gettempdir()) / "workbench-bench-library.log"
     here, forward, backward = {}, {}, {}
-    in_process, workers = executors.InProcess(), executors.WorkerProcesses()
+    seconds = {"workers": 0.0, "in-process": 0.0}
+    modes = [("workers", executors.WorkerProcesses(), forward), ("in-process", executors.InProcess(), here)]
     with library_output(library_log):  # the in-process run's library chatter; workers keep theirs
         start = time.perf_counter()
-        workers.warm_up()  # the fork server's start counts for the workers
-        forward_s, here_s = time.perf_counter() - start, 0.0
-        for i, choice in enumerate(choices):  # order A, both modes back to back
-            for mode in (("worker", "here") if i % 2 == 0 else ("here", "worker")):
-                if mode == "worker":
-                    result, seconds = timed(session, choice, workers)
-                    forward[result.label] = result
-                    forward_s += seconds
-                else:
-                    result, seconds = timed(session, choice, in_process)
-                    here[result.label] = result
-                    here_s += seconds
+        modes[0][1].warm_up()  # the fork server's start counts for the workers
+        seconds["workers"] += time.perf_counter() - start
+        for i, choice in enumerate(choices):  # order A, both modes back to back, the first one alternating
+            for name, executor, results in (modes if i % 2 == 0 else modes[::-1]):
+                result, elapsed = timed(session, choice, executor)
+                results[result.label] = result
+                seconds[name] += elapsed
         for choice in reversed(choices):  # order B, workers only
-            result, _ = timed(session, choice, workers)
+            result, _ = timed(session, choice, modes[0][1])
             backward[result.label] = result
     print(f"library output: {library_log}")
 
@@ -76,8 +72,8 @@ def main() -> None:
         print(f"{label:28} {here[label].peak_above_baseline_bytes / MB:18.0f} {a.peak_above_baseline_bytes / MB:14.0f} / "
               f"{b.peak_above_baseline_bytes / MB:<13.0f} {ratio:6.3f}  {a.decode_tokens_per_s or 0:12.1f} "
               f"{'x%.2f' % a.decode_spread if a.decode_spread else '':>7}")
-    print(f"\nwall time: workers {forward_s:.1f} s, in-process {here_s:.1f} s")
-    print(f"ratio workers / in-process wall time: {forward_s / here_s:.2f}x (goal <= 1.10)")
+    print(f"\nwall time: workers {seconds['workers']:.1f} s, in-process {seconds['in-process']:.1f} s")
+    print(f"ratio workers / in-process wall time: {seconds['workers'] / seconds['in-process']:.2f}x (goal <= 1.10)")
     worst = max(abs(r - 1) for r in ratios)
     print(f"order independence: largest peak-above-baseline difference between the orders {100 * worst:.1f}% (goal <= 5%)")
 

@@ -13,9 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SLOWEST_FILES = ("tests/test_real_model.py", "notebooks/04_merge_and_deploy.ipynb", "tests/test_qlora_cpu.py",
                  "tests/test_methods.py", "notebooks/05_where_bits_matter.ipynb", "tests/test_hostile.py",
-                 "notebooks/03_qlora_finetune.ipynb", "tests/test_ray_executor.py")
-"""Run first, longest first (2-5 minutes each on 2 cores, from --durations): `make test`'s two
-pytest workers take a file at a time in this order (`--no-loadscope-reorder`; pytest-xdist's own
+                 "notebooks/03_qlora_finetune.ipynb", "tests/test_ray_executor.py",
+                 "tests/test_panels_on_ipywidgets7.py")
+"""Run first, longest first (1.5-5 minutes each on 2 cores, from --durations): `make test`'s
+pytest workers (three) take a file at a time in this order (`--no-loadscope-reorder`; pytest-xdist's own
 order, most tests first, started the notebooks last), and a long file started last kept one
 worker busy alone."""
 
