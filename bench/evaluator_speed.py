@@ -1,7 +1,7 @@
 """Benchmark: the workbench's perplexity evaluator against the loops people use instead.
 
 All score the same tokens of the offline model with windows of --max-length tokens:
-- workbench: `measure.perplexity` with the batch size chosen for the device;
+- workbench: `perplexity.perplexity` with the batch size chosen for the device;
 - plain loop: one `model(input_ids, labels=...)` per window, the workbench's windows;
 - raw forward: `model(input_ids, use_cache=False)` on the workbench's batches, logits only
   (the hardware limit the evaluator is held to: it adds the loss and nothing else);
@@ -27,14 +27,15 @@ import time
 
 import torch
 
-from workbench import data, divergence, measure, models
-from workbench.config import auto_batch_size
+from workbench.sources import data, models
+from workbench.metrics import divergence, perplexity
+from workbench.core.config import auto_batch_size
 
 
 def plain_loop(model, ids: list[int], max_length: int, bos: int | None) -> tuple[float, int]:
     """The workbench's windows, one at a time, loss from transformers."""
     nll, count = 0.0, 0
-    for begin, end, first in measure.windows(len(ids), max_length, max_length, bos is not None)[0]:
+    for begin, end, first in perplexity.windows(len(ids), max_length, max_length, bos is not None)[0]:
         row = ([bos] if bos is not None else []) + ids[begin:end]
         labels = torch.tensor([row])
         labels[0, : first - begin + (bos is not None)] = -100
@@ -47,9 +48,9 @@ def plain_loop(model, ids: list[int], max_length: int, bos: int | None) -> tuple
 
 def raw_forward(model, ids: list[int], max_length: int, batch_size: int, bos: int | None) -> int:
     """Forward passes over the evaluator's batches (logits of every position), nothing scored."""
-    spans = measure.windows(len(ids), max_length, max_length, bos is not None)[0]
+    spans = perplexity.windows(len(ids), max_length, max_length, bos is not None)[0]
     tokens = 0
-    for batch in measure._equal_length_batches(spans, batch_size):
+    for batch in perplexity._equal_length_batches(spans, batch_size):
         rows = [([bos] if bos is not None else []) + ids[begin:end] for begin, end, _ in batch]
         with torch.no_grad():
             model(input_ids=torch.tensor(rows), use_cache=False).logits.float()
@@ -86,21 +87,21 @@ def main() -> None:
     source = models.resolve("bundled")
     tokenizer = models.load_tokenizer(source)
     ids = data.eval_tokens(tokenizer, data.builtin_eval_text(), args.tokens)
-    bos = measure.expects_bos(tokenizer)
+    bos = perplexity.expects_bos(tokenizer)
     per_window = args.max_length - (bos is not None)
     ids = ids[: max(len(ids) // per_window, 1) * per_window]  # whole windows: the same ones for every evaluator
     model = models.load_model(source, "cpu")
     batch = auto_batch_size("cpu")
     length = args.max_length
-    measure.perplexity(model, ids[:600], length, length, bos_token_id=bos)  # warm-up
+    perplexity.perplexity(model, ids[:600], length, length, bos_token_id=bos)  # warm-up
     recording = divergence.Divergence.recording()
-    measure.perplexity(model, ids, length, length, batch, bos, divergence=recording)
+    perplexity.perplexity(model, ids, length, length, batch, bos, divergence=recording)
     reference = recording.recorded_reference()
     text = tokenizer.decode(ids)
 
     runs = {
-        "workbench": lambda: measure.perplexity(model, ids, length, length, batch, bos),
-        "workbench + KL": lambda: measure.perplexity(model, ids, length, length, batch, bos,
+        "workbench": lambda: perplexity.perplexity(model, ids, length, length, batch, bos),
+        "workbench + KL": lambda: perplexity.perplexity(model, ids, length, length, batch, bos,
                                                      divergence=divergence.Divergence.against(reference)),
         "plain loop": lambda: plain_loop(model, ids, length, bos),
         "raw forward": lambda: raw_forward(model, ids, length, batch, bos),

@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from workbench import models, sensitivity
-from workbench.sensitivity_cli import report
+from workbench.sources import models
+from workbench.report.sensitivity import report
+from workbench.run import maps
 
 GOAL_END_TO_END_S = 180.0
 GOAL_PROXY_S = 30.0
@@ -32,7 +33,7 @@ def main() -> None:
     source = models.resolve(args.model)
     print(f"torch threads: {torch.get_num_threads()}")
     start = time.perf_counter()
-    smap = sensitivity.compute(source, args.method, args.tokens, "layer", blocks)
+    smap = maps.compute(source, args.method, args.tokens, "layer", blocks)
     total = time.perf_counter() - start
     print(report(smap))
     print(f"wall time with loading: {total:.1f} s")

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workbench import sweep
+from workbench.run import sweep
 from workbench.cli import main as cli
 
 DEFAULT_GRIDS = ["hqq:bits=2,4", "bnb-nf4", "bnb-int8"]

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from workbench import runner
-from workbench.config import EvalConfig, ModelSpec
+from workbench.run import runner
+from workbench.core.config import EvalConfig, ModelSpec
 
 from evaluator_speed import plain_loop
 

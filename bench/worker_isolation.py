@@ -18,10 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from workbench import executors, runner
+from workbench.run import executors, runner
 from workbench.cli import DEFAULT_METHODS
-from workbench.config import EvalConfig, ModelSpec
-from workbench.quiet import library_output
+from workbench.core.config import EvalConfig, ModelSpec
+from workbench.core.quiet import library_output
+from workbench.run import workers
+from workbench.run.compare import compare
 
 MB = 2**20
 
@@ -29,7 +31,7 @@ MB = 2**20
 def timed(session, choice, executor):
     """One method's result and the wall time of its comparison."""
     start = time.perf_counter()
-    (result,) = runner.compare(session, [choice], log=lambda m: None, executor=executor)
+    (result,) = compare(session, [choice], log=lambda m: None, executor=executor)
     if result.error:
         raise SystemExit(f"{result.label} failed: {result.error}")
     return result, time.perf_counter() - start
@@ -48,7 +50,7 @@ def main() -> None:
     library_log = Path(tempfile.gettempdir()) / "workbench-bench-library.log"
     here, forward, backward = {}, {}, {}
     seconds = {"workers": 0.0, "in-process": 0.0}
-    modes = [("workers", executors.WorkerProcesses(), forward), ("in-process", executors.InProcess(), here)]
+    modes = [("workers", workers.WorkerProcesses(), forward), ("in-process", executors.InProcess(), here)]
     with library_output(library_log):  # the in-process run's library chatter; workers keep theirs
         start = time.perf_counter()
         modes[0][1].warm_up()  # the fork server's start counts for the workers

@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def bundled_source():
-    from workbench import models
+    from workbench.sources import models
 
     return models.resolve("bundled")
 
@@ -50,7 +50,7 @@ def tiny_folder(tmp_path_factory, bundled_source):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workbench import models
+    from workbench.sources import models
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = models.load_tokenizer(bundled_source)
@@ -65,8 +65,8 @@ def tiny_folder(tmp_path_factory, bundled_source):
 
 @pytest.fixture(scope="session")
 def tiny_session(tiny_folder):
-    from workbench import runner
-    from workbench.config import EvalConfig, ModelSpec
+    from workbench.run import runner
+    from workbench.core.config import EvalConfig, ModelSpec
 
     return runner.Session.open(ModelSpec(str(tiny_folder), device="cpu"),
                                EvalConfig(max_length=128, stride=128, max_tokens=512, decode_tokens=8))

@@ -10,7 +10,8 @@ import os
 import signal
 import time
 
-from workbench import methods, models
+from workbench import methods
+from workbench.sources import models
 from workbench.methods import Method, Param
 
 

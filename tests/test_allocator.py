@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from workbench import allocator
+from workbench.core import allocator
 
 # One big block freed first (glibc then raises its mmap threshold above that size), then big
 # blocks between small ones that stay alive: the big ones come from the heap, and when they
@@ -17,7 +17,8 @@ SCRIPT = """
 import contextlib
 import sys
 import torch
-from workbench import allocator, measure
+from workbench.core import allocator
+from workbench.metrics import memory
 measuring = allocator.large_blocks_apart("cpu") if sys.argv[1] == "apart" else contextlib.nullcontext(True)
 with measuring as in_effect:
     assert in_effect
@@ -26,11 +27,11 @@ with measuring as in_effect:
     for _ in range(40):
         big.append(torch.ones(3 * 2**20 // 4))
         keep.append(torch.ones(64 * 1024))
-    before = measure.rss_bytes()
+    before = memory.rss_bytes()
     del big
-    freed = measure.rss_bytes()
+    freed = memory.rss_bytes()
 assert allocator.release_freed()
-print((before - freed) / 2**20, (before - measure.rss_bytes()) / 2**20)
+print((before - freed) / 2**20, (before - memory.rss_bytes()) / 2**20)
 """
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench import claims
-from workbench.results import MB, Result
+from workbench.report import claims
+from workbench.run.results import MB, Result
 
 PROTOCOL = {"text": "wiki", "eval_tokens": 256, "max_length": 512, "stride": 512}
 DEFAULTS = {"gptq": {"bits": 4, "group_size": 64, "act_order": False}, "bnb-nf4": {"double_quant": True},

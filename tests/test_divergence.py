@@ -9,9 +9,13 @@ import json
 import pytest
 import torch
 
-from workbench import divergence, executors, measure, models, results, runner
-from workbench.config import EvalConfig, ModelSpec
-from workbench.errors import WorkbenchError
+from workbench.metrics import divergence, perplexity
+from workbench.run import executors, results, runner
+from workbench.sources import models
+from workbench.core.config import EvalConfig, ModelSpec
+from workbench.core.errors import WorkbenchError
+from workbench.run import workers
+from workbench.run.compare import History, compare
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,7 @@ def tiny_model(tiny_session):
 
 def _score(model, ids, kl, max_length=128, batch_size=4):
     with torch.no_grad():
-        return measure.perplexity(model, ids, max_length, max_length, batch_size, divergence=kl)
+        return perplexity.perplexity(model, ids, max_length, max_length, batch_size, divergence=kl)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +55,8 @@ def test_a_changed_model_has_positive_kl_whatever_the_chunking(recording, tiny_s
         for _, linear in models.block_linears(changed):
             linear.weight.add_(torch.randn_like(linear.weight) * linear.weight.std())
     stats = []
-    for chunk in (measure.LOGITS_CHUNK_ELEMENTS, len(tiny_session.tokenizer) * 7):  # one chunk per batch / many ragged chunks
-        monkeypatch.setattr(measure, "LOGITS_CHUNK_ELEMENTS", chunk)
+    for chunk in (perplexity.LOGITS_CHUNK_ELEMENTS, len(tiny_session.tokenizer) * 7):  # one chunk per batch / many ragged chunks
+        monkeypatch.setattr(perplexity, "LOGITS_CHUNK_ELEMENTS", chunk)
         kl = divergence.Divergence.against(reference)
         _score(changed, ids, kl)
         stats.append(kl.stats())
@@ -70,9 +74,9 @@ def test_a_model_scored_from_full_logits_gets_the_same_kl_path():
     ids = torch.randint(0, 300, (2, 24))
     kl = divergence.Divergence.recording()
     with torch.no_grad():
-        nll, count = measure.model_nll_sum(model, ids, ids, divergence=kl)
-        plain = measure.model_nll_sum(model, ids, ids)
-    assert measure._HEAD_CHECKED[model] is None  # the full-logits path ran
+        nll, count = perplexity.model_nll_sum(model, ids, ids, divergence=kl)
+        plain = perplexity.model_nll_sum(model, ids, ids)
+    assert perplexity._HEAD_CHECKED[model] is None  # the full-logits path ran
     assert count == 46 and nll == pytest.approx(plain[0], rel=1e-5)
     assert kl.stats().kl_mean == 0.0 and kl.recorded_reference().top_ids.shape == (46, divergence.TOP_K)
 
@@ -115,7 +119,7 @@ def test_the_kl_estimate_is_close_to_the_exact_kl_on_a_real_model(bundled_source
     with torch.no_grad():
         exact_p = torch.log_softmax(model(input_ids=window).logits[0, :-1].float(), -1)
         recording = divergence.Divergence.recording()
-        measure.perplexity(model, ids, 256, 256, divergence=recording)
+        perplexity.perplexity(model, ids, 256, 256, divergence=recording)
         torch.manual_seed(0)
         for _, linear in models.block_linears(model):
             linear.weight.add_(torch.randn_like(linear.weight) * 0.08 * linear.weight.std())
@@ -135,18 +139,18 @@ def test_compare_measures_the_reference_first_and_shows_kl_in_every_output(tiny_
                                   EvalConfig(max_length=128, stride=128, max_tokens=333, decode_tokens=0), log=lambda m: None)
     session.reference_path().unlink(missing_ok=True)  # a protocol of this test's own: no other test shares the file
     logs = []
-    fp32, nf4 = runner.compare(session, ["bnb-nf4"], log=logs.append, executor=executors.InProcess())
+    fp32, nf4 = compare(session, ["bnb-nf4"], log=logs.append, executor=executors.InProcess())
     assert fp32.method == "fp32" and any("measuring the full-precision reference first" in line for line in logs)
     assert fp32.kl_mean == 0.0 and fp32.top1_agreement == 1.0 and fp32.protocol["kl_reference"] == "fp32"
     assert nf4.kl_mean > 0 and nf4.kl_p99 >= nf4.kl_mean and 0 < nf4.top1_agreement <= 1
     assert session.reference_path().is_file()
 
-    (reused,) = runner.compare(session, ["bnb-nf4"], previous=[fp32, nf4], log=logs.append, executor=executors.InProcess())
+    (reused,) = compare(session, ["bnb-nf4"], history=History(kept=[fp32, nf4]), log=logs.append, executor=executors.InProcess())
     assert reused.reused_from and reused.kl_mean == nf4.kl_mean  # recorded: nothing runs again
 
     session.reference_path().unlink()
     logs.clear()
-    again = runner.compare(session, ["fp32", "bnb-int8"], previous=[fp32, nf4], log=logs.append, executor=executors.InProcess())
+    again = compare(session, ["fp32", "bnb-int8"], history=History(kept=[fp32, nf4]), log=logs.append, executor=executors.InProcess())
     assert [r.method for r in again] == ["fp32", "bnb-int8"] and again[0].reused_from is None
     assert any("measuring it again instead of reusing it" in line for line in logs) and again[1].kl_mean > 0
 
@@ -164,6 +168,6 @@ def test_a_worker_finds_the_reference_its_session_recorded(tiny_folder):
     session = runner.Session.open(ModelSpec(str(tiny_folder), device="cpu"),
                                   EvalConfig(max_length=128, stride=128, max_tokens=334, decode_tokens=0), log=lambda m: None)
     session.reference_path().unlink(missing_ok=True)
-    fp32, rtn = runner.compare(session, ["fp32", "bnb-int8"], log=lambda m: None, executor=executors.WorkerProcesses())
+    fp32, rtn = compare(session, ["fp32", "bnb-int8"], log=lambda m: None, executor=workers.WorkerProcesses())
     assert fp32.mode == rtn.mode == "worker" and fp32.kl_mean == 0.0
     assert rtn.kl_mean > 0 and rtn.protocol["kl_top_k"] == divergence.TOP_K

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from workbench.errors import WorkbenchError
-from workbench.estimate import GPUS, estimate, format_estimate, to_dict
+from workbench.core.errors import WorkbenchError
+from workbench.run.estimate import GPUS, estimate, format_estimate, to_dict
 from workbench.methods import REGISTRY
-from workbench.models import ModelSource
+from workbench.sources.models import ModelSource
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000, tie_word_embeddings=True)
 LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from workbench import finetune as ft
-from workbench import data, models, results
-from workbench.errors import WorkbenchError
+from workbench.sources import data, models
+from workbench.run import results
+from workbench.core.errors import WorkbenchError
 
 
 def _small_data(folder: Path, rows: int) -> str:

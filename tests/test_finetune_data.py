@@ -130,6 +130,6 @@ def test_sizes_are_as_documented(train, heldout, prompts):
 
 
 def test_the_package_finds_the_set_it_ships():
-    from workbench import data
+    from workbench.sources import data
 
     assert data.data_folder().resolve() == FINETUNE.resolve()  # via importlib.resources, as in an installed wheel

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench.config import EvalConfig
-from workbench.errors import WorkbenchError
+from workbench.core.config import EvalConfig
+from workbench.core.errors import WorkbenchError
 from workbench.finetune import FinetuneConfig
 from workbench.panels import FineTunePanel, MergeDeployPanel, ModelPicker
 from workbench.panels._base import JobState

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from workbench import runner
-from workbench.config import EvalConfig, ModelSpec
+from workbench.run import runner
+from workbench.core.config import EvalConfig, ModelSpec
 
 pytestmark = pytest.mark.gpu
 

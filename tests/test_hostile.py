@@ -24,10 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from workbench import files, models, results, runner
+from workbench.core import files
+from workbench.sources import models
+from workbench.run import results, runner
 from workbench.cli import main
-from workbench.config import EvalConfig
-from workbench.errors import WorkbenchError
+from workbench.core.config import EvalConfig
+from workbench.core.errors import WorkbenchError
 
 FAST = ["--max-length", "64", "--max-tokens", "64", "--decode-tokens", "0", "--in-process"]
 TESTS = Path(__file__).resolve().parent

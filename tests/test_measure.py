@@ -9,14 +9,15 @@ import sys
 import pytest
 import torch
 
-from workbench import measure, models
-from workbench.measure import PeakMemory
+from workbench.metrics import memory, perplexity, speed
+from workbench.sources import models
+from workbench.metrics.memory import PeakMemory
 
 
 @pytest.mark.parametrize("bos", [True, False])
 @pytest.mark.parametrize("n,max_length,stride", [(10, 4, 4), (10, 4, 1), (100, 16, 7), (5, 8, 8), (513, 512, 512), (64, 16, 16)])
 def test_windows_score_every_token_exactly_once(n, max_length, stride, bos):
-    spans, step = measure.windows(n, max_length, stride, bos)
+    spans, step = perplexity.windows(n, max_length, stride, bos)
     scored = [t for begin, end, first in spans for t in range(first, end)]
     expected = list(range(0 if bos else 1, n))
     assert scored == expected  # each token once, in order
@@ -43,7 +44,7 @@ def test_single_window_matches_direct_computation(tiny):
     model, ids = tiny
     ids = ids[:100]
     nlls = _token_nlls(model, ids)
-    result = measure.perplexity(model, ids, max_length=128, stride=128)
+    result = perplexity.perplexity(model, ids, max_length=128, stride=128)
     assert result.n_tokens == 99 and result.n_windows == 1
     assert result.ppl == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
 
@@ -53,7 +54,7 @@ def test_bos_window_matches_direct_computation(tiny):
     ids = ids[:60]
     bos = 1
     nlls = _token_nlls(model, [bos] + ids)  # every text token scored, the first given BOS as context
-    result = measure.perplexity(model, ids, max_length=128, stride=128, bos_token_id=bos)
+    result = perplexity.perplexity(model, ids, max_length=128, stride=128, bos_token_id=bos)
     assert result.n_tokens == 60 and result.bos
     assert result.ppl == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
 
@@ -72,23 +73,23 @@ def test_disjoint_windows_match_a_plain_loop(tiny):
         n = int((labels[0, 1:] != -100).sum())
         total, count = total + loss * n, count + n
         begin += 63
-    result = measure.perplexity(model, ids, max_length=64, stride=64, batch_size=3)
+    result = perplexity.perplexity(model, ids, max_length=64, stride=64, batch_size=3)
     assert result.n_tokens == count == len(ids) - 1
     assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-4)
 
 
 def test_overlapping_stride_gives_lower_or_equal_perplexity_with_more_context(tiny):
     model, ids = tiny
-    wide = measure.perplexity(model, ids, max_length=64, stride=16)
+    wide = perplexity.perplexity(model, ids, max_length=64, stride=16)
     assert wide.n_tokens == len(ids) - 1
-    assert wide.n_windows > measure.perplexity(model, ids, max_length=64, stride=64).n_windows
+    assert wide.n_windows > perplexity.perplexity(model, ids, max_length=64, stride=64).n_windows
 
 
 def test_fp32_weight_bytes_are_four_per_parameter(tiny):
     model, _ = tiny
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}  # tied embeddings once
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    stored = measure.storage(model)
+    stored = memory.storage(model)
     assert stored.weight_bytes == 4 * sum(unique.values()) + buffers
     assert stored.bits_per_weight == 32 and stored.kernel == "Linear"
 
@@ -97,29 +98,29 @@ def test_quanto_storage_is_counted_from_real_tensors_not_the_footprint(tiny_sess
     from optimum import quanto
 
     model = models.load_model(tiny_session.source, "cpu")
-    fp32_bytes = measure.storage(model).weight_bytes
+    fp32_bytes = memory.storage(model).weight_bytes
     quanto.quantize(model, weights=quanto.qint8, exclude="lm_head")
     quanto.freeze(model)
     assert model.get_memory_footprint() >= fp32_bytes * 0.99  # transformers' number stays at the fp32 size
-    stored = measure.storage(model)
+    stored = memory.storage(model)
     assert 8 <= stored.bits_per_weight < 8.6
     assert stored.weight_bytes < fp32_bytes
 
 
 def test_decode_speed_is_the_median_of_repetitions_with_its_spread(tiny):
     model, ids = tiny
-    speed = measure.decode_speed(model, ids[:8], new_tokens=8, pad_token_id=0)
-    assert speed.decode_tokens_per_s > 0 and speed.prefill_ms > 0 and speed.new_tokens == 8
-    assert speed.repeats >= measure.MIN_DECODE_REPEATS and speed.decode_spread >= 1.0
+    decode = speed.decode_speed(model, ids[:8], new_tokens=8, pad_token_id=0)
+    assert decode.decode_tokens_per_s > 0 and decode.prefill_ms > 0 and decode.new_tokens == 8
+    assert decode.repeats >= speed.MIN_DECODE_REPEATS and decode.decode_spread >= 1.0
 
 
 def test_too_few_decode_tokens_are_refused(tiny):
-    from workbench.config import EvalConfig
-    from workbench.errors import WorkbenchError
+    from workbench.core.config import EvalConfig
+    from workbench.core.errors import WorkbenchError
 
     model, ids = tiny
     with pytest.raises(WorkbenchError, match="at least 8"):
-        measure.decode_speed(model, ids[:8], new_tokens=1, pad_token_id=0)
+        speed.decode_speed(model, ids[:8], new_tokens=1, pad_token_id=0)
     with pytest.raises(WorkbenchError, match="decode_tokens: 4 new tokens are too few"):
         EvalConfig(decode_tokens=4)
 
@@ -127,7 +128,7 @@ def test_too_few_decode_tokens_are_refused(tiny):
 def test_nll_sum_is_the_shifted_cross_entropy_over_labelled_tokens():
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[3, 4, -100, 1, 2], [-100, -100, 5, 6, 7]])
-    total, count = measure.nll_sum(logits, labels)
+    total, count = perplexity.nll_sum(logits, labels)
     logp = torch.log_softmax(logits, dim=-1)
     expected = [-logp[b, t - 1, labels[b, t]].item() for b in range(2) for t in range(1, 5) if labels[b, t] != -100]
     assert count == len(expected) == 6 and total == pytest.approx(sum(expected), rel=1e-5)
@@ -142,7 +143,7 @@ def _small(cls, config_cls, vocab=300, **extra):
 
 def _full_logits_nll(model, ids, labels):
     with torch.no_grad():
-        return measure.nll_sum(model(input_ids=ids).logits, labels)
+        return perplexity.nll_sum(model(input_ids=ids).logits, labels)
 
 
 def test_chunked_scoring_equals_scoring_the_full_logits(monkeypatch):
@@ -152,11 +153,11 @@ def test_chunked_scoring_equals_scoring_the_full_logits(monkeypatch):
     ids = torch.randint(0, 300, (3, 40))
     labels = ids.clone()
     labels[0, :5] = labels[2, 30:] = -100
-    monkeypatch.setattr(measure, "LOGITS_CHUNK_ELEMENTS", 300 * 7)  # 7 positions a chunk: many chunks, a ragged last one
+    monkeypatch.setattr(perplexity, "LOGITS_CHUNK_ELEMENTS", 300 * 7)  # 7 positions a chunk: many chunks, a ragged last one
     with torch.no_grad():
-        chunked = measure.model_nll_sum(model, ids, labels)
+        chunked = perplexity.model_nll_sum(model, ids, labels)
     full = _full_logits_nll(model, ids, labels)
-    assert measure._HEAD_CHECKED[model] is not None  # the chunked path ran
+    assert perplexity._HEAD_CHECKED[model] is not None  # the chunked path ran
     assert chunked[1] == full[1] == 3 * 39 - 4 - 10 and chunked[0] == pytest.approx(full[0], rel=1e-5)
 
 
@@ -167,8 +168,8 @@ def test_a_model_that_scales_its_logits_is_scored_from_its_full_logits():
     model = _small(GraniteForCausalLM, GraniteConfig, logits_scaling=8.0)
     ids = torch.randint(0, 300, (2, 24))
     with torch.no_grad():
-        scored = measure.model_nll_sum(model, ids, ids)
-    assert measure._HEAD_CHECKED[model] is None
+        scored = perplexity.model_nll_sum(model, ids, ids)
+    assert perplexity._HEAD_CHECKED[model] is None
     assert scored[0] == pytest.approx(_full_logits_nll(model, ids, ids)[0], rel=1e-6)
 
 
@@ -177,12 +178,12 @@ def test_scoring_does_not_hold_the_whole_batch_of_logits(monkeypatch):
     their log-softmax) when scored at once; in chunks of 16 MB, a small part of that."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    monkeypatch.setattr(measure, "LOGITS_CHUNK_ELEMENTS", 2**22)
+    monkeypatch.setattr(perplexity, "LOGITS_CHUNK_ELEMENTS", 2**22)
 
     model = _small(LlamaForCausalLM, LlamaConfig, vocab=50_000)
     ids = torch.randint(0, 50_000, (4, 256))
     peaks = {}
-    for name, score in (("full", _full_logits_nll), ("chunked", measure.model_nll_sum)):
+    for name, score in (("full", _full_logits_nll), ("chunked", perplexity.model_nll_sum)):
         score(model, ids[:, :16], ids[:, :16])  # warm-up (and the head check) outside the measured block
         with torch.no_grad(), PeakMemory("cpu") as peak:
             score(model, ids, ids)
@@ -193,13 +194,13 @@ def test_scoring_does_not_hold_the_whole_batch_of_logits(monkeypatch):
 
 
 def test_a_non_finite_perplexity_is_an_error_not_a_number(tiny_session):
-    from workbench.errors import WorkbenchError
+    from workbench.core.errors import WorkbenchError
 
     model = models.load_model(tiny_session.source, "cpu")
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
     with pytest.raises(WorkbenchError, match="not finite"):
-        measure.perplexity(model, tiny_session.eval_ids, 128, 128)
+        perplexity.perplexity(model, tiny_session.eval_ids, 128, 128)
 
 
 MB = 2**20
@@ -213,14 +214,14 @@ def test_a_process_started_by_a_big_parent_does_not_report_the_parents_peak():
     """getrusage's ru_maxrss of a spawned worker starts at the parent's size on Linux; the
     workbench reads the worker's own high-water mark instead."""
     held = _touched(600)
-    child = subprocess.run([sys.executable, "-c", "from workbench.measure import peak_rss_bytes; print(peak_rss_bytes())"],
+    child = subprocess.run([sys.executable, "-c", "from workbench.metrics.memory import peak_rss_bytes; print(peak_rss_bytes())"],
                            capture_output=True, text=True, check=True)
     assert len(held) == 600 * MB
     assert int(child.stdout) < 300 * MB
 
 
 def test_peak_memory_counts_the_block_not_what_came_before():
-    if not measure.reset_peak_rss():
+    if not memory.reset_peak_rss():
         pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs): the peak is sampled")
     earlier = _touched(400)
     del earlier  # the process's peak is now 400 MB higher than what it holds

@@ -7,8 +7,10 @@ import math
 
 import pytest
 
-from workbench import measure, methods, runner
-from workbench.errors import WorkbenchError
+from workbench.metrics import perplexity
+from workbench import methods
+from workbench.run import runner
+from workbench.core.errors import WorkbenchError
 from workbench.methods import QuantizeRequest
 
 CPU_METHODS = [m.name for m, reason in methods.available("cpu") if reason is None]
@@ -95,7 +97,7 @@ def test_method_quantizes_measures_and_reloads(name, tiny_session, tmp_path):
 
 
 def _calibration(method, params, session):
-    from workbench import data
+    from workbench.sources import data
 
     if not method.needs_calibration:
         return None
@@ -103,7 +105,7 @@ def _calibration(method, params, session):
 
 
 def _ppl(model, session):
-    return measure.perplexity(model, session.eval_ids, 128, 128).ppl
+    return perplexity.perplexity(model, session.eval_ids, 128, 128).ppl
 
 
 def test_gptqmodel_methods_run_on_a_one_core_machine(tiny_folder, tmp_path):

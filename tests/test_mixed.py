@@ -9,9 +9,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from workbench import data, measure, methods, mixed, models, results, runner, sensitivity
-from workbench.errors import WorkbenchError
+from workbench.sources import data, models
+from workbench.metrics import perplexity, sensitivity
+from workbench import methods
+from workbench.methods.mixed import planner as mixed
+from workbench.run import results, runner
+from workbench.core.errors import WorkbenchError
 from workbench.methods.mixed import PLAN_FILE, dynamic_overrides, parse_widths, stored_bits
+from workbench.run import maps
+from workbench.methods import gptq
 
 
 def block_map(kls: list[float], weights: int = 1000) -> sensitivity.SensitivityMap:
@@ -86,7 +92,7 @@ def test_mixed_method_puts_the_planned_bits_in_the_real_checkpoint(tiny_session,
     original = dict(models.load_model(tiny_session.source, "cpu").named_modules())
     for b in (0, 1):  # the reloaded layers multiply by the planned-width RTN weights (rtol: the product
         # of scale and code is taken in fp32 here, in fp16 by rtn's transformers reload: half an fp16 step)
-        expected = sensitivity.rtn_dequantized(original[f"model.layers.{b}.mlp.down_proj"].weight, 8 if b in eight else 3, 64)
+        expected = gptq.rtn_dequantized(original[f"model.layers.{b}.mlp.down_proj"].weight, 8 if b in eight else 3, 64)
         torch.testing.assert_close(used[b], expected, atol=1e-6, rtol=1e-3)
     assert len(eight) == 1 and config["bits"] == 3 and len(config["dynamic"]) == 7
     assert heights[eight[0]] == 256 * 8 // 32 and heights[1 - eight[0]] == 256 * 3 // 32
@@ -104,15 +110,15 @@ def fake_quantized_ppl(model, originals: dict, plan: mixed.Plan, ids) -> float:
     """Perplexity with every block linear fake-quantized (RTN, group 64) at its planned width."""
     modules = dict(model.named_modules())
     for name, bits in plan.layer_bits().items():
-        modules[name].weight.data = sensitivity.rtn_dequantized(originals[name], bits, 64)
-    return measure.perplexity(model, ids, 512, 512, batch_size=2).ppl
+        modules[name].weight.data = gptq.rtn_dequantized(originals[name], bits, 64)
+    return perplexity.perplexity(model, ids, 512, 512, batch_size=2).ppl
 
 
 def test_map_guided_mix_beats_uniform_3_bit_and_the_mix_against_the_map(bundled_source):
     """The effect on SmolLM2 at ~3.33 bits (10 of 30 blocks at 4 bits), with the RTN arithmetic
     the real backend uses (`rtn_dequantized` equals gptqmodel's checkpoint, see test_sensitivity);
     the map on 128 calibration tokens, perplexity on 1,024 evaluation tokens."""
-    smap = sensitivity.compute(bundled_source, "rtn:bits=3:group_size=64", tokens=128, unit="block", log=lambda m: None)
+    smap = maps.compute(bundled_source, "rtn:bits=3:group_size=64", tokens=128, unit="block", log=lambda m: None)
     budget = (20 * RTN64(3) + 10 * RTN64(4)) / 30
     guided = mixed.plan(smap, budget, (3, 4), cost=RTN64)
     control = mixed.against_map(guided)

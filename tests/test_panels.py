@@ -11,7 +11,7 @@ import os
 import ipywidgets
 import pytest
 
-from workbench.config import EvalConfig
+from workbench.core.config import EvalConfig
 from workbench.panels import ComparePanel, GeneratePanel, MethodPicker, ModelPicker, QuantizePanel
 
 FAST = EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=8)
@@ -144,7 +144,7 @@ def test_generate_panel_side_by_side(model):
 
 
 def test_run_from_a_cell_raises_with_the_message_on_error():
-    from workbench.errors import WorkbenchError
+    from workbench.core.errors import WorkbenchError
 
     panel = QuantizePanel(ModelPicker(default="./no/such/model", device="cpu"), MethodPicker(device="cpu"), FAST)
     with pytest.raises(WorkbenchError, match="no such model folder"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from workbench import finetune as ft
-from workbench import models
+from workbench.sources import models
 from workbench.methods.bnb_training import cpu_repacking_guarded, prepare_for_training
 
 

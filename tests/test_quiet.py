@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from workbench.quiet import library_output
+from workbench.core.quiet import library_output
 
 
 SCRIPT = """
 import logging, os, sys, warnings
-from workbench.quiet import library_output
+from workbench.core.quiet import library_output
 
 console = logging.getLogger("console")  # like transformers: its own handler on the console
 console.addHandler(logging.StreamHandler(sys.stderr))
@@ -51,7 +51,7 @@ def test_nested_blocks_write_to_the_outer_file(tmp_path):
 
 def test_a_notebook_started_quietly_loads_a_model_without_library_output(tmp_path, tiny_folder):
     """Import-time warnings (torchao, torch's pytree) and transformers' loading bar stay out of the cell."""
-    script = ("import sys; from workbench import models, quiet; quiet.start_notebook(sys.argv[1]); "
+    script = ("import sys; from workbench.core import quiet; from workbench.sources import models; quiet.start_notebook(sys.argv[1]); "
               "models.load_model(models.resolve(sys.argv[2]), 'cpu'); print('loaded')")
     log = tmp_path / "library.log"
     done = subprocess.run([sys.executable, "-c", script, str(log), str(tiny_folder)], capture_output=True, text=True, timeout=120)
@@ -87,7 +87,7 @@ def test_gptqmodel_progress_bars_stay_out_of_a_notebook_cell(tmp_path):
     # as a fresh kernel would be (this process imported the workbench), under pytest
     env = {k: v for k, v in os.environ.items() if k != "LOGBAR_DISABLE_NOTEBOOK_DETECTION"} | {"PYTEST_CURRENT_TEST": "nbval"}
     bar = "from logbar import LogBar\nfor _ in LogBar.shared().pb(range(20)).title('layers'): pass\n"
-    quiet = f"from workbench import quiet\nwith quiet.library_output({str(tmp_path / 'library.log')!r}):\n" + \
+    quiet = f"from workbench.core import quiet\nwith quiet.library_output({str(tmp_path / 'library.log')!r}):\n" + \
         "".join(f"    {line}\n" for line in bar.splitlines())
     assert "update_display_data" in _messages_of_a_cell(bar, env)  # the check can fail: without the workbench, they draw
     kinds = _messages_of_a_cell(quiet, env)

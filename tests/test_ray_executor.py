@@ -16,10 +16,12 @@ import pytest
 
 ray = pytest.importorskip("ray")  # the [cluster] extra; `make test` installs it
 
-from workbench import executors, methods, runner  # noqa: E402
+from workbench.run import runner  # noqa: E402
+from workbench import methods
 from workbench.cli import main  # noqa: E402
-from workbench.config import EvalConfig, ModelSpec  # noqa: E402
-from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.core.config import EvalConfig, ModelSpec  # noqa: E402
+from workbench.core.errors import WorkbenchError  # noqa: E402
+from workbench.run import ray_tasks  # noqa: E402
 
 FAST = ["--max-length", "128", "--max-tokens", "256", "--decode-tokens", "0"]
 CELLS = ["fp32", "bnb-nf4", "bnb-int8", "bnb-fp4"]
@@ -75,7 +77,7 @@ def test_cancel_after_the_first_result_cancels_the_running_and_the_queued_tasks(
     cells = [methods.parse(c) for c in ("bnb-nf4", "test-hang:seconds=300", "test-hang:seconds=301")]
     finished = []
     start = time.monotonic()
-    executors.RayTasks().run(session, list(enumerate(cells)), lambda index, result: finished.append((index, result)),
+    ray_tasks.RayTasks().run(session, list(enumerate(cells)), lambda index, result: finished.append((index, result)),
                              lambda m: None, None, should_stop=lambda: bool(finished))
     assert [(index, result.label, result.error) for index, result in finished] == [(0, "bnb-nf4", None)]
     deadline = time.monotonic() + 30
@@ -92,7 +94,7 @@ def test_a_task_that_raises_before_measuring_is_an_error_row_saying_why(local_ra
                                   EvalConfig(max_length=128, stride=128, text_path=str(text), decode_tokens=0), log=lambda m: None)
     text.unlink()  # as on a node that lacks the evaluation text
     rows = []
-    executors.RayTasks().run(session, [(0, methods.parse("bnb-nf4"))], lambda index, result: rows.append(result),
+    ray_tasks.RayTasks().run(session, [(0, methods.parse("bnb-nf4"))], lambda index, result: rows.append(result),
                              lambda m: None, None, lambda: False)
     (row,) = rows
     assert row.mode == "ray" and "the Ray task raised WorkbenchError" in row.error and "essay.txt" in row.error
@@ -100,5 +102,5 @@ def test_a_task_that_raises_before_measuring_is_an_error_row_saying_why(local_ra
 
 def test_a_gpu_session_on_a_cluster_without_gpus_is_refused_before_any_task(local_ray, session):
     with pytest.raises(WorkbenchError, match="each task needs 1 GPU"):
-        executors.RayTasks().run(replace(session, device="cuda"), [(0, methods.parse("fp32"))], lambda i, r: None, lambda m: None,
+        ray_tasks.RayTasks().run(replace(session, device="cuda"), [(0, methods.parse("fp32"))], lambda i, r: None, lambda m: None,
                                  None, lambda: False)

@@ -10,8 +10,11 @@ import math
 
 import pytest
 
-from workbench import estimate, executors, methods, models, runner
-from workbench.config import EvalConfig, ModelSpec
+from workbench.run import estimate, executors, runner
+from workbench import methods
+from workbench.sources import models
+from workbench.core.config import EvalConfig, ModelSpec
+from workbench.run.compare import compare
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +26,7 @@ METHODS = ["fp32", "bnb-int8", "quanto-int8", "torchao-int8", "bnb-nf4", "bnb-nf
 @pytest.fixture(scope="module")
 def measured():
     session = runner.Session.open(ModelSpec("bundled", device="cpu"), EvalConfig(max_tokens=2048, decode_tokens=0))
-    results = runner.compare(session, METHODS, log=lambda m: None, executor=executors.InProcess())
+    results = compare(session, METHODS, log=lambda m: None, executor=executors.InProcess())
     failed = {r.label: r.error for r in results if r.error}
     assert not failed, failed
     for r in results:

@@ -1,4 +1,4 @@
-"""No code shipped with a model runs unless the user says so (workbench.remote_code).
+"""No code shipped with a model runs unless the user says so (workbench.sources.remote_code).
 
 The hostile model is the tiny Llama folder with an `auto_map` (in config.json, or only in
 tokenizer_config.json) naming `evil_model.py`, a file that writes a marker file when it is
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from workbench import methods, models, remote_code
+from workbench import methods
+from workbench.sources import models, remote_code
 from workbench.cli import main
-from workbench.config import ModelSpec
-from workbench.errors import WorkbenchError
+from workbench.core.config import ModelSpec
+from workbench.core.errors import WorkbenchError
 
 EVIL_CODE = '''
 from pathlib import Path

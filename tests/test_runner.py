@@ -18,10 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from workbench import allocator, estimate, executors, methods, models, runner
+from workbench.core import allocator
+from workbench.run import estimate, executors, runner
+from workbench import methods
+from workbench.sources import models
 from workbench.cli import main
-from workbench.config import EvalConfig, ModelSpec
-from workbench.errors import WorkbenchError
+from workbench.core.config import EvalConfig, ModelSpec
+from workbench.core.errors import WorkbenchError
+from workbench.run import workers
+from workbench.run.compare import compare
 
 FAST = ["--max-length", "128", "--max-tokens", "256", "--decode-tokens", "8"]
 TESTS = Path(__file__).resolve().parent
@@ -139,7 +144,7 @@ def test_result_identity_is_not_its_label(tiny_session):
 # ---------------------------------------------------------------------------- worker processes
 
 def _compare(session, choices, executor, **kwargs):
-    return runner.compare(session, choices, log=lambda m: None, executor=executor, **kwargs)
+    return compare(session, choices, log=lambda m: None, executor=executor, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +155,14 @@ def recorded_reference(tiny_session):
 
 
 def test_a_crashing_worker_is_an_error_row_naming_the_signal_and_the_comparison_goes_on(custom, tiny_session):
-    crashed, fp32 = _compare(tiny_session, ["test-crash", "fp32"], executors.WorkerProcesses())
+    crashed, fp32 = _compare(tiny_session, ["test-crash", "fp32"], workers.WorkerProcesses())
     assert "SIGSEGV" in crashed.error and crashed.mode == "worker"
     assert fp32.error is None and math.isfinite(fp32.ppl)
 
 
 def test_a_stuck_worker_ends_at_its_timeout(custom, tiny_session, recorded_reference):
     start = time.monotonic()
-    (hung,) = _compare(tiny_session, ["test-hang"], executors.WorkerProcesses(timeout_s=6))
+    (hung,) = _compare(tiny_session, ["test-hang"], workers.WorkerProcesses(timeout_s=6))
     assert "time limit of 6 s" in hung.error and time.monotonic() - start < 60
 
 
@@ -165,7 +170,7 @@ def test_cancel_ends_the_running_worker_within_two_seconds(custom, tiny_session,
     stop, stopped_at = threading.Event(), []
     timer = threading.Timer(6, lambda: (stopped_at.append(time.monotonic()), stop.set()))
     timer.start()
-    results = _compare(tiny_session, ["test-hang", "bnb-nf4"], executors.WorkerProcesses(), should_stop=stop.is_set)
+    results = _compare(tiny_session, ["test-hang", "bnb-nf4"], workers.WorkerProcesses(), should_stop=stop.is_set)
     assert results == [] and time.monotonic() - stopped_at[0] < 2
 
 
@@ -187,7 +192,7 @@ def test_a_worker_terminated_from_outside_names_the_sender(custom, tiny_session,
 
     killer = threading.Thread(target=terminate_the_worker)
     killer.start()
-    (row,) = _compare(tiny_session, ["test-hang"], executors.WorkerProcesses(timeout_s=180))
+    (row,) = _compare(tiny_session, ["test-hang"], workers.WorkerProcesses(timeout_s=180))
     killer.join()
     assert "died from SIGTERM" in row.error and f"SIGTERM sent by process {os.getpid()}" in row.error, row.error
 
@@ -195,15 +200,15 @@ def test_a_worker_terminated_from_outside_names_the_sender(custom, tiny_session,
 def test_what_the_fork_server_prints_is_library_output_not_the_callers(tiny_folder):
     """In a notebook kernel, the fork server's import messages would land in the running cell."""
     script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-              "from workbench import executors, runner\nfrom workbench.config import EvalConfig, ModelSpec\n"
-              "executors.WORKER_PRELOAD.append('noisy_import')\n"
+              "from workbench.run import compare, runner, workers\nfrom workbench.core.config import EvalConfig, ModelSpec\n"
+              "workers.WORKER_PRELOAD.append('noisy_import')\n"
               "if __name__ == '__main__':\n"
               "    session = runner.Session.open(ModelSpec(sys.argv[2], device='cpu'), EvalConfig(max_length=128, stride=128, "
               "max_tokens=256, decode_tokens=8), log=lambda m: None)\n"
               "    lines = []\n"
-              "    (row,) = runner.compare(session, ['fp32'], log=lambda m: None, executor=executors.WorkerProcesses(library_log=lines.append))\n"
+              "    (row,) = compare.compare(session, ['fp32'], log=lambda m: None, executor=workers.WorkerProcesses(library_log=lines.append))\n"
               "    print('error:', row.error, '| library:', ' / '.join(line for line in lines if 'noisy' in line))\n"
-              "    import os; print('server output file left:', os.path.exists(executors._fork_server_output.name))\n")
+              "    import os; print('server output file left:', os.path.exists(workers._fork_server_output.name))\n")
     # cwd: Python 3.11's fork server ignores the parent's sys.path when it preloads, but finds the cwd's modules
     done = subprocess.run([sys.executable, "-c", script, str(TESTS), str(tiny_folder)], capture_output=True, text=True,
                           timeout=240, cwd=TESTS)
@@ -219,7 +224,7 @@ def test_nan_perplexity_is_an_error_row(custom, tiny_session, recorded_reference
 
 
 def test_worker_rows_report_their_own_peak_above_the_baseline(tiny_session):
-    (row,) = _compare(tiny_session, ["fp32"], executors.WorkerProcesses())
+    (row,) = _compare(tiny_session, ["fp32"], workers.WorkerProcesses())
     apart = "" if allocator._glibc() is None else " (blocks of 2 MiB and more mapped apart)"
     assert row.mode == "worker" and row.peak_kind == f"peak RSS{apart}"  # the table's footnote says so
     assert row.weight_bytes <= row.peak_above_baseline_bytes < row.peak_bytes  # holds the model, not the imports

@@ -9,9 +9,14 @@ import math
 import pytest
 import torch
 
-from workbench import methods, models, runner, sensitivity
-from workbench.errors import WorkbenchError
-from workbench.sensitivity_charts import heatmap
+from workbench import methods
+from workbench.sources import models
+from workbench.run import runner
+from workbench.metrics import sensitivity
+from workbench.core.errors import WorkbenchError
+from workbench.report.sensitivity import heatmap
+from workbench.run import maps
+from workbench.methods import gptq
 
 
 def stored_weight(layer) -> torch.Tensor:
@@ -41,7 +46,7 @@ def test_fake_quantization_equals_the_backends_dequantized_weight(tiny_session, 
     """The map is honest only if each cell's weight is what the real method stores."""
     name = "model.layers.1.mlp.down_proj"
     original = dict(tiny_model.named_modules())[name].weight
-    fake = sensitivity.fake_quantizer(methods.parse(choice))(original)
+    fake = maps.fake_quantizer(methods.parse(choice))(original)
     with runner.build(tiny_session, choice, log=lambda m: None) as built:
         real = stored_weight(dict(built.model.named_modules())[name])
     assert not torch.equal(fake, original)  # it did quantize
@@ -57,7 +62,7 @@ def test_replayed_kl_equals_a_full_forward(tiny_session, tiny_model):
         assert abs(replay.kl(0)) < 1e-7 and abs(replay.kl(1)) < 1e-7
         base = torch.log_softmax(tiny_model(ids).logits[0], -1)
         original = layer.weight.data
-        layer.weight.data = sensitivity.rtn_dequantized(original, 2, 64)
+        layer.weight.data = gptq.rtn_dequantized(original, 2, 64)
         try:
             replayed = replay.kl(1)
             changed = torch.log_softmax(tiny_model(ids).logits[0], -1)
@@ -70,7 +75,7 @@ def test_replayed_kl_equals_a_full_forward(tiny_session, tiny_model):
 
 def test_map_cells_sums_and_cache(tiny_session, tmp_path):
     logs = []
-    smap, path = sensitivity.load_or_compute(tiny_session.source, "rtn:bits=2:group_size=64", tokens=128,
+    smap, path = maps.load_or_compute(tiny_session.source, "rtn:bits=2:group_size=64", tokens=128,
                                              folder=tmp_path, log=logs.append)
     assert len(smap.cells) == 14 and smap.blocks == [0, 1] and len(smap.kinds) == 7
     assert all(c.kl > 0 and c.proxy > 0 for c in smap.cells)
@@ -78,10 +83,10 @@ def test_map_cells_sums_and_cache(tiny_session, tmp_path):
     assert -1 <= smap.spearman() <= 1
     assert smap.text.endswith("(second half)")  # the calibration text, not the evaluation text
     assert json.loads(path.read_text())["method"] == "rtn:bits=2"
-    again, _ = sensitivity.load_or_compute(tiny_session.source, "rtn:bits=2:group_size=64", tokens=128,
+    again, _ = maps.load_or_compute(tiny_session.source, "rtn:bits=2:group_size=64", tokens=128,
                                            folder=tmp_path, log=logs.append)
     assert again == smap and any("reusing" in line for line in logs)
-    other, other_path = sensitivity.load_or_compute(tiny_session.source, "rtn:bits=2", tokens=128, unit="block",
+    other, other_path = maps.load_or_compute(tiny_session.source, "rtn:bits=2", tokens=128, unit="block",
                                                     folder=tmp_path, end_to_end=False, log=logs.append)
     assert other_path != path and [c.kind for c in other.cells] == ["block", "block"]
     assert other.cells[0].kl is None and other.end_to_end_s is None and len(other.cells[0].layers) == 7
@@ -89,13 +94,13 @@ def test_map_cells_sums_and_cache(tiny_session, tmp_path):
 
 def test_map_errors_say_what_to_do(tiny_session):
     with pytest.raises(WorkbenchError, match="gptq.*not supported.*rtn, hqq"):
-        sensitivity.compute(tiny_session.source, "gptq:bits=3")
+        maps.compute(tiny_session.source, "gptq:bits=3")
     with pytest.raises(WorkbenchError, match="group_size=48 does not divide"):
-        sensitivity.compute(tiny_session.source, "rtn:bits=3:group_size=48")
+        maps.compute(tiny_session.source, "rtn:bits=3:group_size=48")
     with pytest.raises(WorkbenchError, match=r"block\(s\) \[5\] do not exist"):
-        sensitivity.compute(tiny_session.source, "rtn:bits=3", tokens=64, blocks=[5])
+        maps.compute(tiny_session.source, "rtn:bits=3", tokens=64, blocks=[5])
     with pytest.raises(WorkbenchError, match="unit 'row'"):
-        sensitivity.compute(tiny_session.source, "rtn:bits=3", tokens=64, unit="row")
+        maps.compute(tiny_session.source, "rtn:bits=3", tokens=64, unit="row")
 
 
 def test_spearman_ranks():

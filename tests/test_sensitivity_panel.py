@@ -10,7 +10,7 @@ import os
 import ipywidgets
 import pytest
 
-from workbench.config import EvalConfig
+from workbench.core.config import EvalConfig
 from workbench.methods.mixed import stored_bits
 from workbench.panels import ModelPicker, SensitivityPanel
 

@@ -7,10 +7,11 @@ import sys
 
 import pytest
 
-from workbench import charts, sweep
+from workbench.report import charts
+from workbench.run import sweep
 from workbench.cli import main
-from workbench.errors import WorkbenchError
-from workbench.results import MB, Result
+from workbench.core.errors import WorkbenchError
+from workbench.run.results import MB, Result
 
 FAST = ["--max-length", "128", "--max-tokens", "256", "--decode-tokens", "0"]
 PROTOCOL = {"text": "pydoc-topics", "n_tokens": 255, "max_length": 128, "stride": 127}

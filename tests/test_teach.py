@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench import teach, teach_charts
+from workbench import teach
+from workbench.teach import charts as teach_charts
 
 
 def test_bit_fields_add_up_and_match_ieee():
@@ -139,7 +140,7 @@ def test_error_explorer_redraws_on_change():
 
 
 def test_layer_inputs_and_gptq_study_on_a_tiny_model(tiny_folder):
-    from workbench import models
+    from workbench.sources import models
 
     source = models.resolve(str(tiny_folder))
     model, tokenizer = models.load_model(source, "cpu"), models.load_tokenizer(source)

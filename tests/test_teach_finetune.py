@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench import teach_finetune as tf
+from workbench.teach import finetune as tf
 from workbench.finetune import FinetuneConfig, attach_lora
 
 
@@ -33,7 +33,7 @@ def test_lora_plan_counts_what_peft_reports(targets):
 
 
 def test_lora_plan_from_a_model_folder_reads_the_config_only(tmp_path):
-    from workbench.config import ModelSpec
+    from workbench.core.config import ModelSpec
 
     tiny_llama(tied=True).save_pretrained(tmp_path)
     config = FinetuneConfig(base="fp32", r=8)

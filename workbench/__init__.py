@@ -5,7 +5,7 @@ The public API is small: configs, the method registry, the runner's two verbs
 Heavy libraries are imported lazily, so `import workbench` is instant.
 """
 
-from .config import EvalConfig, ModelSpec
-from .errors import WorkbenchError
+from workbench.core.config import EvalConfig, ModelSpec
+from workbench.core.errors import WorkbenchError
 
 __all__ = ["EvalConfig", "ModelSpec", "WorkbenchError"]

@@ -1,10 +1,5 @@
-"""The one exception type the workbench raises for problems a person can fix.
+"""Moved to `workbench.core.errors`; this name is kept for one release."""
 
-Every surface (CLI, panels, notebooks) shows a `WorkbenchError` as a plain message,
-without a traceback: the message names the input, what was wrong and what to do.
-Anything else that escapes is a bug and keeps its traceback.
-"""
+from workbench._moved import moved_to
 
-
-class WorkbenchError(Exception):
-    """An expected failure with a message meant for the user."""
+moved_to(__name__, "workbench.core.errors")

@@ -3,17 +3,17 @@
 One package, four roles: `config` (what a run is asked to do, validated before loading),
 `data` (rows -> token ids and labels), `train` (base, adapters, Trainer, evaluation) and
 `merge` (reload, exact merge, deploy comparison). Reading the rows from files belongs to
-`workbench.data`, the project's one module that reads text. The names below are the
+`workbench.sources.data`, the project's one module that reads text. The names below are the
 public API, so `from workbench import finetune as ft; ft.finetune(...)` reads as before.
 """
 
-from ..data import FINETUNE_DIR as DATA_DIR
-from ..data import data_folder, load_rows, read_rows
-from .config import CONFIG_FILE, PLAIN_TEMPLATE, FinetuneConfig, refuse_untrainable
-from .data import collate, encode, split_example
-from .merge import (MERGE_RTOL, MERGED_FROM_FILE, RELOAD_RTOL, MergeReport, adapter_choice, deploy_compare,
+from workbench.sources.data import FINETUNE_DIR as DATA_DIR
+from workbench.sources.data import data_folder, load_rows, read_rows
+from workbench.finetune.config import CONFIG_FILE, PLAIN_TEMPLATE, FinetuneConfig, refuse_untrainable
+from workbench.finetune.data import collate, encode, split_example
+from workbench.finetune.merge import (MERGE_RTOL, MERGED_FROM_FILE, RELOAD_RTOL, MergeReport, adapter_choice, deploy_compare,
                     load_adapter_model, merge_refusal, merge_to_dequantized, merge_tolerance, reload_adapter, saved_config)
-from .train import (Evaluation, FinetuneReport, Finetuned, attach_lora, block_linear_names, evaluate, finetune, generate,
+from workbench.finetune.train import (Evaluation, FinetuneReport, Finetuned, attach_lora, block_linear_names, evaluate, finetune, generate,
                     heldout_loss, parameter_counts, prepare_base, save_adapter, train)
 
 __all__ = [

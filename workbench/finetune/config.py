@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .. import methods
-from ..errors import WorkbenchError
+from workbench import methods
+from workbench.core.errors import WorkbenchError
 
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n{response}"
 CONFIG_FILE = "workbench_finetune.json"

@@ -3,16 +3,16 @@
 The loss is on response tokens only (labels -100 on the prompt): the model is taught to
 answer, not to repeat questions. Prompt and answer are tokenized separately and
 concatenated, so the cut between scored and unscored tokens is exact. Reading the rows
-from files is `workbench.data`'s job, not this module's.
+from files is `workbench.sources.data`'s job, not this module's.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from .. import measure
-from ..errors import WorkbenchError
-from .config import PLAIN_TEMPLATE
+from workbench.metrics import perplexity
+from workbench.core.errors import WorkbenchError
+from workbench.finetune.config import PLAIN_TEMPLATE
 
 
 def split_example(tokenizer, template: str | None, instruction: str, response: str = "") -> tuple[str, str]:
@@ -26,7 +26,7 @@ def split_example(tokenizer, template: str | None, instruction: str, response: s
                                  f"set prompt_template, e.g. {PLAIN_TEMPLATE!r}.")
         return prompt, full[len(prompt):]
     head, tail = (template or PLAIN_TEMPLATE).split("{response}")
-    bos = tokenizer.bos_token if measure.expects_bos(tokenizer) is not None else ""
+    bos = tokenizer.bos_token if perplexity.expects_bos(tokenizer) is not None else ""
     return bos + head.replace("{instruction}", instruction), response + tail + (tokenizer.eos_token or "")
 
 

@@ -17,12 +17,14 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .. import data as texts
-from .. import files, methods, models
-from ..errors import WorkbenchError
-from .config import CONFIG_FILE, FinetuneConfig
-from .data import encode
-from .train import heldout_loss, prepare_base
+from workbench.sources import data as texts
+from workbench.core import files
+from workbench import methods
+from workbench.sources import models
+from workbench.core.errors import WorkbenchError
+from workbench.finetune.config import CONFIG_FILE, FinetuneConfig
+from workbench.finetune.data import encode
+from workbench.finetune.train import heldout_loss, prepare_base
 
 MERGED_FROM_FILE = "workbench_merged_from.json"
 RELOAD_RTOL = 1e-4
@@ -151,18 +153,19 @@ def merge_to_dequantized(source, adapter_dir, out_dir=None, device: str = "cpu",
 def deploy_compare(session, merged_folder, methods: tuple[str, ...] = ("gptq",), adapter_dir=None, log=print,
                    executor=None) -> list:
     """Results for the trained model (quantized base + adapter) and the merged model quantized by
-    each method, measured under the session's protocol like every comparison (`runner.compare`:
+    each method, measured under the session's protocol like every comparison (`compare.compare`:
     a fresh worker per row by default): `results.format_table(...)` shows them."""
-    from .. import runner
-    from ..config import ModelSpec
+    from workbench.core.config import ModelSpec
+    from workbench.run import runner
+    from workbench.run.compare import compare
 
     merged_folder = Path(merged_folder)
     if adapter_dir is None:
         adapter_dir = json.loads((merged_folder / MERGED_FROM_FILE).read_text(encoding="utf-8"))["adapter_dir"]
     merged_spec = ModelSpec(str(merged_folder), device=session.device, trust_remote_code=session.source.trust_remote_code)
     merged = runner.Session.open(merged_spec, session.eval, log)
-    rows = runner.compare(session, [adapter_choice(adapter_dir)], log=log, executor=executor)
-    deployed = runner.compare(merged, list(methods), log=log, executor=executor)
+    rows = compare(session, [adapter_choice(adapter_dir)], log=log, executor=executor)
+    deployed = compare(merged, list(methods), log=log, executor=executor)
     return rows + [replace(result, label=f"merged {result.label}") for result in deployed]
 
 

@@ -6,7 +6,7 @@ Why this shape:
 - Training goes through transformers' `Trainer`; a callback forwards each logged loss to
   the caller and honours a Stop button. There is no hand-written loop to get wrong.
 - Held-out loss is measured on response tokens only, as the training loss is, with the
-  project's one NLL kernel (`measure.model_nll_sum`).
+  project's one NLL kernel (`perplexity.model_nll_sum`).
 - The adapter is saved with the config that trained it, so reload and merge (merge.py)
   rebuild the very same base.
 """
@@ -22,11 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import data as texts
-from .. import files, measure, methods, models, remote_code
-from ..errors import WorkbenchError
-from .config import CONFIG_FILE, FinetuneConfig, refuse_untrainable
-from .data import collate, encode, split_example
+from workbench.sources import data as texts
+from workbench.core import files
+from workbench.metrics import memory, perplexity
+from workbench import methods
+from workbench.sources import models, remote_code
+from workbench.core.errors import WorkbenchError
+from workbench.finetune.config import CONFIG_FILE, FinetuneConfig, refuse_untrainable
+from workbench.finetune.data import collate, encode, split_example
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) 
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in make(examples[start:start + batch_size]).items()}
         with torch.no_grad():  # not inference_mode: quanto's kernels fail under it
-            batch_nll, batch_count = measure.model_nll_sum(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+            batch_nll, batch_count = perplexity.model_nll_sum(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
         nll, count = nll + batch_nll, count + batch_count
     return nll / count
 
@@ -83,7 +86,7 @@ def prepare_base(source: models.ModelSource, choice: str, device: str, gradient_
     """The base built by the runner (`runner.build`, as for any measurement), then prepared for
     an adapter by its method (bitsandbytes: PEFT's k-bit preparation and the CPU repacking guard,
     before anything evaluates it)."""
-    from .. import runner
+    from workbench.run import runner
 
     method, _ = methods.parse_choice(choice)
     refuse_untrainable(method)
@@ -230,7 +233,7 @@ def finetune(source: models.ModelSource, config: FinetuneConfig, device: str = "
     model = attach_lora(prepare_base(source, config.base, device, config.gradient_checkpointing, log), config)
     log(f"[finetune] {config.base} + LoRA r={config.r}: {parameter_counts(model)[0]:,} trainable parameters; evaluating before training...")
     before = evaluate(model, tokenizer, config, heldout, prompts)
-    with measure.PeakMemory(device) as peak:
+    with memory.PeakMemory(device) as peak:
         start = time.perf_counter()
         losses, stopped = train(model, tokenizer, train_set, config, device, on_loss, should_stop)
         train_s = time.perf_counter() - start

@@ -7,8 +7,8 @@ gptqmodel 7.6 keeps only the last batch when texts differ in length, which ruins
 
 from __future__ import annotations
 
-from .base import Method, Param
-from .gptq import BLOCK_TOKENS, GROUP, NO_MERGE, PIP, SAMPLES, _save, packed_storage, quantize_with_gptqmodel, reload_quantized
+from workbench.methods.base import Method, Param
+from workbench.methods.gptq import BLOCK_TOKENS, GROUP, NO_MERGE, PIP, SAMPLES, packed_storage, save_checkpoint, quantize_with_gptqmodel, reload_quantized
 
 
 def _quantize(request):
@@ -24,6 +24,6 @@ METHODS = (Method(
     name="awq", family="awq", bits=4, needs_calibration=True, backend="gptqmodel", pip=PIP, trainable=True,
     summary="AWQ: scales the weight channels that meet large activations before rounding, from calibration data.",
     params=(GROUP, Param("zero_point", False, "Asymmetric groups with a zero point."), SAMPLES, BLOCK_TOKENS),
-    quantize=_quantize, save=_save, reload=reload_quantized, kernel="gptqmodel", storage=packed_storage, merge_refusal=NO_MERGE,
+    quantize=_quantize, save=save_checkpoint, reload=reload_quantized, kernel="gptqmodel", storage=packed_storage, merge_refusal=NO_MERGE,
     limits=("LoRA adapters train on it but cannot be merged into it.", "Slow on CPU: several minutes for a 135M model."),
 ),)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..errors import WorkbenchError
+from workbench.core.errors import WorkbenchError
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,10 @@ class Method:
     """`(model, gradient_checkpointing) -> model` before LoRA adapters are attached."""
     merge_refusal: str | None = None
     """Why a LoRA adapter trained on this method cannot be merged (None: it can)."""
+    fake_quantize: Callable[[dict], Callable] | None = None
+    """`params -> (weight -> dequantized weight)`, by the backend's own arithmetic, for methods
+    whose quantization of one weight can be reproduced alone: what a sensitivity map quantizes
+    each cell with (None: no map; GPTQ's error correction needs the layers around it)."""
     details: Callable[[Path], dict] | None = None
     """What the method chose while building, read from its working folder (`mixed`: the bits of
     each layer); kept with the result, shown by `compare --details` and in the report."""
@@ -202,7 +206,7 @@ class Method:
 
 def check_group_size(method: str, group_size: int, source) -> None:
     """A group must divide every linear layer's input width; say which layer it does not fit."""
-    from ..models import linear_input_widths
+    from workbench.sources.models import linear_input_widths
 
     if group_size <= 0:  # -1 / 0: one group per row
         return
@@ -215,3 +219,31 @@ def check_group_size(method: str, group_size: int, source) -> None:
             f"{method}: group_size={group_size} does not divide the input width {width} of layer {name} "
             f"({len(bad)} layers affected); group sizes that fit this model: {', '.join(map(str, fits)) or 'none of 32/64/128'}."
         )
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A method with validated parameters: what one row of a comparison measures.
+
+    `adapter` is a saved LoRA adapter folder to attach after quantizing (a fine-tuned
+    model measured like any method)."""
+
+    method: Method
+    params: dict
+    adapter: str | None = None
+
+    def _changed(self) -> list[str]:
+        """`key=value` for each parameter that differs from its default."""
+        return [f"{p.name}={self.params[p.name]}" for p in self.method.params if self.params.get(p.name, p.default) != p.default]
+
+    @property
+    def label(self) -> str:
+        """A short display name: the method name plus the parameters that differ from defaults."""
+        changed = self._changed()
+        name = f"{self.method.name}({', '.join(changed)})" if changed else self.method.name
+        return name + ("+lora" if self.adapter else "")
+
+    @property
+    def text(self) -> str:
+        """The choice written back as `name:key=value` (non-default parameters only): `parse(text)` gives it again."""
+        return ":".join([self.method.name, *self._changed()])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .. import models
-from .base import Method
+from workbench.sources import models
+from workbench.methods.base import Method
 
 
 def _baseline(name: str, dtype_name: str, bits: int, summary: str) -> Method:

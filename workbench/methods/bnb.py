@@ -8,9 +8,9 @@ CPU repacking off (after it, no gradient flows through the 4-bit layers).
 
 from __future__ import annotations
 
-from .. import models
-from .base import Method, Param, compute_bits
-from .bnb_training import prepare_for_training
+from workbench.sources import models
+from workbench.methods.base import Method, Param, compute_bits
+from workbench.methods.bnb_training import prepare_for_training
 
 PIP = "pip install bitsandbytes==0.50.2"
 
@@ -61,14 +61,28 @@ def _4bit_storage(method, params, device):
     return 4 + extra, compute_bits(device)
 
 
-def _bnb(name: str, bits: int, summary: str, make_config, params: tuple[Param, ...], storage) -> Method:
+def bnb_4bit_dequantized(weight, quant_type: str, double_quant: bool):
+    """bitsandbytes' quantize_4bit / dequantize_4bit with the settings transformers loads
+    `bnb-nf4`/`bnb-fp4` with (blocks of 64, fp32 absmax or double-quantized absmax)."""
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(weight.detach().float().contiguous(), blocksize=64, quant_type=quant_type,
+                                    compress_statistics=double_quant)
+    return F.dequantize_4bit(packed, state).reshape(weight.shape).to(weight.dtype)
+
+
+def _4bit_fake_quantize(quant_type: str):
+    return lambda params: lambda w: bnb_4bit_dequantized(w, quant_type, params["double_quant"])
+
+
+def _bnb(name: str, bits: int, summary: str, make_config, params: tuple[Param, ...], storage, fake_quantize=None) -> Method:
     def load(source, request):
         return models.load_model(source, request.device, quantization_config=make_config(request.params, request.device))
 
     return Method(
         name=name, family="bitsandbytes", bits=bits, summary=summary, params=params, backend="bitsandbytes", pip=PIP,
         trainable=True, kernel="bitsandbytes", storage=storage, side_tensors=side_tensors,
-        prepare_for_training=prepare_for_training,
+        prepare_for_training=prepare_for_training, fake_quantize=fake_quantize,
         quantize=lambda request: load(request.source, request),
         save=lambda model, folder: model.save_pretrained(folder),
         reload=lambda folder, request: load(request.source.saved_copy(folder, name), request),
@@ -84,7 +98,7 @@ METHODS = (
         Param("skip_modules", "lm_head", "Comma-separated module names left unquantized."),
     ), _int8_storage),
     _bnb("bnb-nf4", 4, "4-bit NormalFloat blocks of 64: levels placed for normally distributed weights (QLoRA).",
-         _4bit_config("nf4"), (DOUBLE_QUANT, COMPUTE), _4bit_storage),
+         _4bit_config("nf4"), (DOUBLE_QUANT, COMPUTE), _4bit_storage, _4bit_fake_quantize("nf4")),
     _bnb("bnb-fp4", 4, "4-bit float blocks of 64: evenly spaced exponents, usually worse than NF4.",
-         _4bit_config("fp4"), (DOUBLE_QUANT, COMPUTE), _4bit_storage),
+         _4bit_config("fp4"), (DOUBLE_QUANT, COMPUTE), _4bit_storage, _4bit_fake_quantize("fp4")),
 )

@@ -6,8 +6,8 @@ own `AutoHQQHFModel` quantizes, saves and reloads.
 
 from __future__ import annotations
 
-from .. import models
-from .base import Method, Param, check_group_size, compute_bits, per_group_bits
+from workbench.sources import models
+from workbench.methods.base import Method, Param, check_group_size, compute_bits, per_group_bits
 
 
 def _quantize(request):
@@ -47,9 +47,23 @@ def _save(model, folder):
     AutoHQQHFModel.save_quantized(model, str(folder))
 
 
+def hqq_dequantized(weight, bits: int, group_size: int):
+    """hqq's own HQQLinear with the `hqq` method's config (BaseQuantizeConfig defaults), dequantized.
+    Its optimizer is slow on CPU (1.5-7 s for a 1536 x 576 weight on 2 busy cores), so an hqq
+    map of SmolLM2 takes minutes where an RTN map takes seconds."""
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight.detach().clone().float()
+    layer = HQQLinear(linear, BaseQuantizeConfig(nbits=bits, group_size=group_size), compute_dtype=torch.float32, device="cpu")
+    return layer.dequantize().reshape(weight.shape).to(weight.dtype)
+
+
 METHODS = (Method(
     name="hqq", family="hqq", bits=4, summary="Half-quadratic optimisation of scales and zeros per group; no calibration data.",
     params=(Param("bits", 4, "Bits per weight.", (2, 3, 4, 8)), Param("group_size", 64, "Weights per scale/zero group; must divide each layer's input width.", minimum=8)),
     quantize=_quantize, save=_save, reload=_reload, backend="hqq", pip="pip install hqq==0.2.8.post1", trainable=True,
     kernel="hqq (dequantize + torch matmul)", storage=_storage, side_tensors=side_tensors,
+    fake_quantize=lambda params: lambda w: hqq_dequantized(w, params["bits"], params["group_size"]),
 ),)

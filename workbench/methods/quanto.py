@@ -6,8 +6,8 @@ and ninja). transformers cannot save it; optimum-quanto's QuantizedModelForCausa
 
 from __future__ import annotations
 
-from .. import models
-from .base import Method, compute_bits, per_group_bits
+from workbench.sources import models
+from workbench.methods.base import Method, compute_bits, per_group_bits
 
 PIP = "pip install optimum-quanto==0.2.7"
 DROPS_ADAPTER = ("PEFT's merge into an optimum-quanto model silently drops the adapter (the held-out loss returns "

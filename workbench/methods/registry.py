@@ -12,12 +12,11 @@ it; it then appears in every surface (CLI `methods`, `estimate`, `compare`, the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import WorkbenchError
-from . import awq, baseline, bnb, gptq, hqq, mixed, quanto, torchao
-from .base import Method
+from workbench.core.errors import WorkbenchError
+from workbench.methods import awq, baseline, bnb, gptq, hqq, mixed, quanto, torchao
+from workbench.methods.base import Choice, Method
 
 FAMILIES = (baseline, bnb, gptq, awq, quanto, hqq, torchao, mixed)
 
@@ -52,34 +51,6 @@ def get(name: str) -> Method:
 def available(device: str | None = None) -> list[tuple[Method, str | None]]:
     """Every method with the reason it cannot run here (None when it can)."""
     return [(m, m.unavailable_reason(device)) for m in REGISTRY.values()]
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A method with validated parameters: what one row of a comparison measures.
-
-    `adapter` is a saved LoRA adapter folder to attach after quantizing (a fine-tuned
-    model measured like any method)."""
-
-    method: Method
-    params: dict
-    adapter: str | None = None
-
-    def _changed(self) -> list[str]:
-        """`key=value` for each parameter that differs from its default."""
-        return [f"{p.name}={self.params[p.name]}" for p in self.method.params if self.params.get(p.name, p.default) != p.default]
-
-    @property
-    def label(self) -> str:
-        """A short display name: the method name plus the parameters that differ from defaults."""
-        changed = self._changed()
-        name = f"{self.method.name}({', '.join(changed)})" if changed else self.method.name
-        return name + ("+lora" if self.adapter else "")
-
-    @property
-    def text(self) -> str:
-        """The choice written back as `name:key=value` (non-default parameters only): `parse(text)` gives it again."""
-        return ":".join([self.method.name, *self._changed()])
 
 
 def parse(text: str, adapter: str | None = None) -> Choice:

@@ -5,8 +5,8 @@ int8 works on CPU; int4 fails on CPU in every packing (measured), so it is GPU-o
 
 from __future__ import annotations
 
-from .. import models
-from .base import Method, Param, check_group_size, compute_bits, per_group_bits
+from workbench.sources import models
+from workbench.methods.base import Method, Param, check_group_size, compute_bits, per_group_bits
 
 PIP = "pip install torchao==0.18.0"
 

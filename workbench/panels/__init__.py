@@ -5,12 +5,12 @@
     compare = ComparePanel(model, methods); compare      # a table, charts, export
 """
 
-from ._base import table_html
-from .claims import ClaimsPanel
-from .finetune import FineTunePanel, MergeDeployPanel
-from .pickers import MethodPicker, ModelPicker
-from .sensitivity import SensitivityPanel
-from .work import ComparePanel, GeneratePanel, QuantizePanel
+from workbench.panels._base import table_html
+from workbench.panels.claims import ClaimsPanel
+from workbench.panels.finetune import FineTunePanel, MergeDeployPanel
+from workbench.panels.pickers import MethodPicker, ModelPicker
+from workbench.panels.sensitivity import SensitivityPanel
+from workbench.panels.work import ComparePanel, GeneratePanel, QuantizePanel
 
 __all__ = ["table_html", "ModelPicker", "MethodPicker", "QuantizePanel", "ComparePanel", "GeneratePanel", "FineTunePanel", "MergeDeployPanel", "ClaimsPanel",
            "SensitivityPanel"]

@@ -23,8 +23,9 @@ from typing import Any, Callable
 
 import ipywidgets as widgets
 
-from ..errors import WorkbenchError
-from ..quiet import LIBRARY_LOG, library_output
+from workbench.core.errors import WorkbenchError
+from workbench.report.display import FigureArea  # noqa: F401 (panels import it from here)
+from workbench.core.quiet import LIBRARY_LOG, library_output
 
 
 class JobState(str, Enum):
@@ -208,34 +209,3 @@ class Panel:
         self.job.start(background=False)
         if self.job.state is JobState.ERROR:
             raise WorkbenchError(self.job.error)
-
-
-class FigureArea:
-    """Where a panel's plotly figures appear after a button click, in JupyterLab and in Colab.
-
-    JupyterLab does not apply display updates sent from a widget callback, but it renders
-    an Output widget's outputs (set as widget state, so it works from a worker thread).
-    Colab fails on plotly inside an Output after a click ("Plotly is not defined"), so
-    there the figures go to display handles reserved when the panel is displayed."""
-
-    def __init__(self):
-        self.widget = widgets.Output()
-        self._handles: list = []
-
-    def reserve(self, count: int) -> None:
-        """Called when the panel is displayed: in Colab, one empty display handle per figure."""
-        import sys
-
-        if "google.colab" in sys.modules:
-            from IPython.display import display
-
-            self._handles = [display({"text/plain": ""}, raw=True, display_id=True) for _ in range(count)]
-
-    def show(self, figures: list) -> None:
-        from ..charts import mimebundle
-
-        if self._handles:
-            for fig, handle in zip(figures, self._handles):
-                handle.update(mimebundle(fig), raw=True)
-            return
-        self.widget.outputs = tuple({"output_type": "display_data", "data": mimebundle(fig), "metadata": {}} for fig in figures)

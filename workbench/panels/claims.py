@@ -1,4 +1,4 @@
-"""ClaimsPanel: the overview's claims (`workbench.claims`) checked against a ComparePanel's results.
+"""ClaimsPanel: the overview's claims (`workbench.report.claims`) checked against a ComparePanel's results.
 
 It registers with `ComparePanel.on_results`, so the table is redrawn after every Compare.
 Rows of earlier Compares of the same model and protocol are kept (a 2-bit GPTQ run and a
@@ -12,10 +12,10 @@ import html
 
 import ipywidgets as widgets
 
-from .. import claims
-from ..results import IDENTITY_PROTOCOL, Result
-from ._base import Panel, table_html
-from .work import ComparePanel
+from workbench.report import claims
+from workbench.run.results import IDENTITY_PROTOCOL, Result
+from workbench.panels._base import Panel, table_html
+from workbench.panels.work import ComparePanel
 
 WAITING = "<i>No results yet: press Compare above; this table fills in after every Compare.</i>"
 

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
-from .. import executors, methods, results
-from ..config import EvalConfig, ModelSpec
-from ..errors import WorkbenchError
-from ..finetune import FinetuneConfig, merge_refusal
-from ._base import FigureArea, Job, JobState, Panel, table_html
-from .pickers import ModelPicker
+from workbench.run import executors, results
+from workbench import methods
+from workbench.core.config import EvalConfig, ModelSpec
+from workbench.core.errors import WorkbenchError
+from workbench.finetune import FinetuneConfig, merge_refusal
+from workbench.panels._base import FigureArea, Job, JobState, Panel, table_html
+from workbench.panels.pickers import ModelPicker
 
 SMOOTHING = 0.6
 """Weight of the past in the moving average: 0 = raw loss, 0.9 = very smooth, slow to follow."""
@@ -160,7 +161,8 @@ class FineTunePanel(Panel):
                        max_seq_len=self.max_seq_len.value, gradient_checkpointing=self.checkpointing.value)
 
     def _work(self, job: Job):
-        from .. import finetune, models
+        from workbench import finetune
+        from workbench.sources import models
 
         config = self.config()
         if config.output_dir is None:  # a new folder per run, so earlier adapters stay
@@ -192,7 +194,7 @@ class FineTunePanel(Panel):
         self.figure_area.show(self.figures)
 
     def _show(self, outcome: tuple[TrainedAdapter, object]) -> None:
-        from ..data import load_rows
+        from workbench.sources.data import load_rows
 
         self.trained, self.result = outcome
         report = self.result
@@ -224,7 +226,7 @@ class FineTunePanel(Panel):
 
     def release(self) -> None:
         """Drop the trained model (the adapter stays on disk)."""
-        from .. import runner
+        from workbench.run import runner
 
         if self.trained is not None:
             self.trained = replace(self.trained, model=None)
@@ -271,7 +273,7 @@ class MergeDeployPanel(Panel):
         return self.deploy()
 
     def _merge(self, job: Job):
-        from .. import finetune
+        from workbench import finetune
 
         tuned = self.finetune_panel.trained
         if tuned is None:
@@ -301,7 +303,8 @@ class MergeDeployPanel(Panel):
             f"<code>{html.escape(report.merged_dir)}</code>.</p>")
 
     def _deploy(self, job: Job) -> list[results.Result]:
-        from .. import finetune, runner
+        from workbench import finetune
+        from workbench.run import runner
 
         if self.merge_report is None:
             raise WorkbenchError("deploy: nothing merged yet. Press Merge first: deployment quantizes the merged model.")

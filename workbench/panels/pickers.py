@@ -10,10 +10,10 @@ import html
 
 import ipywidgets as widgets
 
-from .. import methods
-from ..config import EvalConfig, ModelSpec
-from ..errors import WorkbenchError
-from ._base import Job, Panel, table_html
+from workbench import methods
+from workbench.core.config import EvalConfig, ModelSpec
+from workbench.core.errors import WorkbenchError
+from workbench.panels._base import Job, Panel, table_html
 
 BUNDLED_LABEL = "SmolLM2-135M-Instruct (offline, bundled)"
 OTHER_LABEL = "Other: hub id or local path below"
@@ -46,7 +46,7 @@ class ModelPicker(Panel):
                                    description="Hub id / path")
         self.token = widgets.Password(description="HF token", placeholder="only for gated models")
         self.device = widgets.Dropdown(options=["auto", "cpu", "cuda"], value=device, description="Device")
-        # Off by default: a model whose config names its own Python code is refused (workbench.remote_code).
+        # Off by default: a model whose config names its own Python code is refused (workbench.sources.remote_code).
         self.trust_remote_code = widgets.Checkbox(value=False, description="trust remote code", indent=False)
         self.button = self.estimate_button = widgets.Button(description="Will it fit?", icon="calculator")
         self.job = Job(self.button, self._estimate, self._show_estimate)
@@ -76,7 +76,7 @@ class ModelPicker(Panel):
 
     def session(self, eval_cfg: EvalConfig, log=print):
         """The shared runner session for the current choice (opened once per model and protocol)."""
-        from .. import runner
+        from workbench.run import runner
 
         spec = self.spec()
         key = (spec.name, spec.device, spec.trust_remote_code, eval_cfg)
@@ -86,7 +86,8 @@ class ModelPicker(Panel):
         return self._sessions[key]
 
     def _estimate(self, job: Job):
-        from .. import estimate, models
+        from workbench.run import estimate
+        from workbench.sources import models
 
         spec = self.spec()
         source = models.resolve(spec.name, spec.token, job.write, trust_remote_code=spec.trust_remote_code)
@@ -96,7 +97,7 @@ class ModelPicker(Panel):
     def _show_estimate(self, resolved) -> None:
         source, result = resolved
         self._resolved(source)
-        from ..estimate import footnotes
+        from workbench.run.estimate import footnotes
 
         rows = [{"method": r.method, "bits": r.bits, f"weight MB ({result.device})": round(r.weight_bytes / 2**20),
                  "GPU weight MB": round(r.gpu_weight_bytes / 2**20),
@@ -159,7 +160,7 @@ class MethodPicker(Panel):
 
     def fit_to(self, source) -> None:
         """Offer only the group sizes that divide every block-linear input width of `source`."""
-        from ..models import linear_input_widths
+        from workbench.sources.models import linear_input_widths
 
         self.fit_to_widths(set(linear_input_widths(source).values()))
 

@@ -25,13 +25,17 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
-from .. import charts, executors, methods, mixed, results, runner, sensitivity
-from ..config import EvalConfig
-from ..errors import WorkbenchError
-from ..methods.mixed import map_choice, parse_widths, stored_bits
-from ..sensitivity_charts import heatmap
-from ._base import FigureArea, Job, JobState, Panel, table_html
-from .pickers import ModelPicker
+from workbench.report import charts
+from workbench.run import compare, maps, results
+from workbench import methods
+from workbench.methods.mixed import planner as mixed
+from workbench.metrics import sensitivity
+from workbench.core.config import EvalConfig
+from workbench.core.errors import WorkbenchError
+from workbench.methods.mixed import map_choice, parse_widths, stored_bits
+from workbench.report.sensitivity import heatmap
+from workbench.panels._base import FigureArea, Job, JobState, Panel, table_html
+from workbench.panels.pickers import ModelPicker
 
 WIDTH_COLORS = {2: "#d62728", 3: "#ff7f0e", 4: "#9ecae1", 8: "#2ca02c"}
 METRICS = ("ppl", "kl")
@@ -81,7 +85,7 @@ class SensitivityPanel(Panel):
         self.model_picker, self.eval_cfg, self.in_process, self.blocks = model, eval_cfg, in_process, blocks
         self.out_dir = Path(out_dir)
         style = {"description_width": "initial"}
-        self.method = widgets.Dropdown(options=list(sensitivity.SUPPORTED), value="rtn", description="Map method", style=style)
+        self.method = widgets.Dropdown(options=maps.supported(), value="rtn", description="Map method", style=style)
         self.bits = widgets.Dropdown(options=[2, 3, 4, 8], value=3, description="bits", style=style)
         self.group_size = widgets.Dropdown(options=[32, 64, 128], value=64, description="group size", style=style)
         self.tokens = widgets.IntText(value=tokens, description="map tokens", style=style, layout=widgets.Layout(width="160px"))
@@ -186,10 +190,10 @@ class SensitivityPanel(Panel):
         log = _checkpointed(job)
         try:
             job.set_progress(0, 2)
-            shown, _ = sensitivity.load_or_compute(source, settings.map_method, settings.tokens, "layer", self.blocks,
+            shown, _ = maps.load_or_compute(source, settings.map_method, settings.tokens, "layer", self.blocks,
                                                    log=log)
             job.set_progress(1, 2)
-            planned, _ = sensitivity.load_or_compute(source, settings.mixing_method, settings.tokens, "block", log=log)
+            planned, _ = maps.load_or_compute(source, settings.mixing_method, settings.tokens, "block", log=log)
         except Cancelled:
             job.write("cancelled: the map was not finished (nothing saved).")
             return None
@@ -240,14 +244,10 @@ class SensitivityPanel(Panel):
             raise WorkbenchError(f"build: the map is of {self.mixing_map.model}, the model picked now is {session.source.label}; "
                                  "press Compute map again.")
         choices = [session.reference_method(), *settings.uniform_choices(budget), settings.mixed_choice(budget)]
-        history = self.out_dir / "history.jsonl"
-        previous = results.read_history(history, job.write)
         with self.build_job.library_log.open("a", encoding="utf-8") as library:
-            executor = executors.InProcess() if self.in_process else \
-                executors.WorkerProcesses(library_log=lambda line: library.write(line + "\n"))
-            return runner.compare(session, choices, previous, False, job.write,
-                                  lambda _, done, total: job.set_progress(done, total), job.should_stop, executor,
-                                  on_result=lambda result: results.append_history([result], history))
+            executor = compare.executor_for(self.in_process, lambda line: library.write(line + "\n"))
+            return compare.compare(session, choices, compare.History.in_folder(self.out_dir), False, job.write,
+                                   lambda _, done, total: job.set_progress(done, total), job.should_stop, executor)
 
     def _show_results(self, measured: list[results.Result]) -> str | None:
         self.results = measured

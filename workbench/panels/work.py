@@ -17,11 +17,12 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
-from .. import charts, executors, results, runner
-from ..config import EvalConfig
-from ..errors import WorkbenchError
-from ._base import FigureArea, Job, Panel, table_html
-from .pickers import MethodPicker, ModelPicker
+from workbench.report import charts
+from workbench.run import compare, results, runner
+from workbench.core.config import EvalConfig
+from workbench.core.errors import WorkbenchError
+from workbench.panels._base import FigureArea, Job, Panel, table_html
+from workbench.panels.pickers import MethodPicker, ModelPicker
 
 
 class QuantizePanel(Panel):
@@ -105,13 +106,10 @@ class ComparePanel(Panel):
 
     def _work(self, job: Job) -> list[results.Result]:
         session = self.model_picker.session(self.eval_cfg, job.write)
-        previous = results.read_history(self.history, job.write)
         with self.job.library_log.open("a", encoding="utf-8") as library:
-            executor = executors.InProcess() if self.in_process else \
-                executors.WorkerProcesses(library_log=lambda line: library.write(line + "\n"))
-            return runner.compare(session, self.method_picker.choices(), previous, self.rerun.value, job.write,
-                                  lambda _, done, total: job.set_progress(done, total), job.should_stop, executor,
-                                  on_result=lambda result: results.append_history([result], self.history))
+            executor = compare.executor_for(self.in_process, lambda line: library.write(line + "\n"))
+            return compare.compare(session, self.method_picker.choices(), compare.History(self.history), self.rerun.value,
+                                   job.write, lambda _, done, total: job.set_progress(done, total), job.should_stop, executor)
 
     def _show(self, measured: list[results.Result]) -> str | None:
         """Table, charts, export; the failed methods listed under the charts, and named in the

@@ -1,8 +1,8 @@
 """`mixed`: per-block (or per-layer) bits chosen from a sensitivity map under a size budget.
 
-At build time the map is read from the cache or computed (`workbench.sensitivity`, on the
+At build time the map is read from the cache or computed (`workbench.metrics.sensitivity`, on the
 calibration text: never on the evaluation tokens the perplexity is then measured on), a
-plan is chosen (`workbench.mixed`), and gptqmodel's RTN quantizes with per-module
+plan is chosen (`workbench.methods.mixed.planner`), and gptqmodel's RTN quantizes with per-module
 `dynamic` overrides: the base config carries the smallest width, and each layer given
 more bits gets `{"+:^<exact module name>$": {"bits": w}}` (gptqmodel 7.6 matches a `^...$`
 literal exactly; `quantization/config.py` `_extract_literal_regex_pattern`). The
@@ -19,13 +19,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 
-from .. import files, mixed, models
-from ..errors import WorkbenchError
-from .base import Method, Param, check_group_size, compute_bits
-from .gptq import PIP, _logs_outside_cwd, _rtn_config, _save, packed_storage
+from workbench.core import files
+from workbench.core.errors import WorkbenchError
+from workbench.methods import gptq
+from workbench.methods.base import Choice, Method, Param, check_group_size, compute_bits
+from workbench.methods.gptq import PIP, logs_outside_cwd, packed_storage, quantize_and_save, rtn_config, save_checkpoint
+from workbench.methods.mixed import planner as mixed
+from workbench.metrics import sensitivity
+from workbench.sources import models
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -46,20 +49,26 @@ def stored_bits(width: int, group_size: int) -> float:
     return packed_storage(METHODS[0], {"bits": width, "group_size": group_size}, "cpu")[0]
 
 
-def map_choice(widths: tuple[int, ...], group_size: int) -> str:
+def map_method(widths: tuple[int, ...], group_size: int) -> Choice:
     """The map a plan is chosen from: RTN at the smallest width, one layer or block at a time."""
-    return f"rtn:bits={widths[0]}:group_size={group_size}"
+    rtn = next(method for method in gptq.METHODS if method.name == "rtn")
+    return Choice(rtn, rtn.resolve_params({"bits": widths[0], "group_size": group_size}))
+
+
+def map_choice(widths: tuple[int, ...], group_size: int) -> str:
+    """`map_method` as a choice text (`rtn:bits=3`)."""
+    return map_method(widths, group_size).text
 
 
 def choose(source, params: dict, log=print):
     """(plan, map) for these parameters, the map read from the cache or computed."""
-    from .. import sensitivity  # imports the registry: not at import time
-
     widths = parse_widths(params["widths"])
     group = params["group_size"]
     check_group_size("mixed", group, source)
     unit = "block" if params["granularity"] == "block" else "layer"
-    smap, _ = sensitivity.load_or_compute(source, map_choice(widths, group), params["map_tokens"], unit, log=log)
+    method = map_method(widths, group)
+    smap, _ = sensitivity.load_or_compute(source, method.method.fake_quantize(method.params), method.text,
+                                          params["map_tokens"], unit, log=log)
     budget = mixed.budget_from_mb(params["budget_mb"], smap) if params["budget_mb"] > 0 else params["budget_bits"]
     chosen = mixed.plan(smap, budget, widths, params["granularity"], cost=lambda w: stored_bits(w, group))
     return (mixed.against_map(chosen) if params["placement"] == "against" else chosen), smap
@@ -76,24 +85,10 @@ def _quantize(request):
     chosen, smap = choose(request.source, params, request.log)
     request.log(f"[mixed] {chosen.summary()}")
     base = {"bits": chosen.widths[0], "group_size": params["group_size"], "sym": True}
-    config = dataclasses.replace(_rtn_config(base), dynamic=dynamic_overrides(chosen) or None)
-    _quantize_and_save(request, config)
+    config = dataclasses.replace(rtn_config(base), dynamic=dynamic_overrides(chosen) or None)
+    quantize_and_save(request, config)  # gptqmodel's own save: transformers' reload cannot load mixed bits
     _write_plan(chosen, smap, params, request.workdir, request.log)
     return _reload(request.workdir, request)
-
-
-def _quantize_and_save(request, config) -> None:
-    """gptqmodel's quantize and save, as `methods.gptq.quantize_with_gptqmodel` does before its
-    transformers reload (which cannot load mixed bits)."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
-    from gptqmodel import GPTQModel
-
-    with _logs_outside_cwd():
-        model = GPTQModel.load(request.source.location, config, device=request.device,
-                               trust_remote_code=request.source.trust_remote_code)
-        model.quantize(None, batch_size=1)
-        model.save(str(request.workdir))
-        del model
 
 
 def _reload(folder, request):
@@ -107,7 +102,7 @@ def _reload(folder, request):
     import torch
     from gptqmodel import BACKEND, GPTQModel
 
-    with _logs_outside_cwd():
+    with logs_outside_cwd():
         wrapped = GPTQModel.load(str(folder), device=request.device, backend=BACKEND.TORCH, dtype=torch.float16,
                                  trust_remote_code=request.source.trust_remote_code)
     model = wrapped.model.eval()
@@ -130,8 +125,6 @@ def _to_dtype_outside_quantized(model, dtype) -> None:
 def _write_plan(chosen: mixed.Plan, smap, params: dict, workdir, log) -> None:
     """The plan as JSON in the checkpoint folder (it goes along when the model is saved) and in
     the map cache (it outlives the working folder), so a table can show it on demand."""
-    from .. import sensitivity
-
     record = json.dumps({"params": params, "map": {"method": smap.method, "tokens": smap.tokens, "text": smap.text},
                          "summary": chosen.summary(), "plan": chosen.to_dict()}, indent=1)
     digest = hashlib.sha256(json.dumps([smap.fingerprint, params], sort_keys=True).encode()).hexdigest()[:16]
@@ -172,7 +165,7 @@ METHODS = (Method(
             Param("map_tokens", 512, "Calibration-text tokens the sensitivity map is measured on.", minimum=32),
             Param("placement", "map", "map: most sensitive get more bits; against: the same widths on the least sensitive (a control).",
                   ("map", "against"))),
-    quantize=_quantize, save=_save, reload=_reload, kernel="gptqmodel", storage=_storage,
+    quantize=_quantize, save=save_checkpoint, reload=_reload, kernel="gptqmodel", storage=_storage,
     storage_note="the budget is an upper bound; the plan may spend a little less", details=_details,
     limits=("Builds a sensitivity map on first use, then reuses it: SmolLM2 on 2 busy CPU cores, 512 tokens, took ~70 s "
             "per block (30 cells), ~4 min per layer (210 cells).",),

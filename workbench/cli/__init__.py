@@ -22,9 +22,9 @@ import signal
 import sys
 from pathlib import Path
 
-from . import methods
-from .errors import WorkbenchError
-from .sensitivity_cli import add_sensitivity_parser
+from workbench import methods
+from workbench.core.errors import WorkbenchError
+from workbench.cli.sensitivity import add_sensitivity_parser
 
 DEFAULT_METHODS = ("fp32", "bnb-int8", "bnb-nf4", "bnb-fp4", "rtn", "gptq")
 """The `make demo` set: runs on 2 CPU cores in about 4 minutes together (GPTQ is 2.5 of them)
@@ -150,7 +150,7 @@ def _compare(args) -> int:
 
 
 def _sweep(args) -> int:
-    from . import sweep
+    from workbench.run import sweep
 
     _check_executor_options(args)
     spec, eval_cfg = _model_spec(args), _eval_config(args)
@@ -161,13 +161,13 @@ def _sweep(args) -> int:
 
 
 def _model_spec(args):
-    from .config import ModelSpec
+    from workbench.core.config import ModelSpec
 
     return ModelSpec(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
 def _eval_config(args):
-    from .config import EvalConfig
+    from workbench.core.config import EvalConfig
 
     stride = args.max_length if args.stride is None else args.stride  # --stride 0 is refused, not the default
     return EvalConfig(max_length=args.max_length, stride=stride, max_tokens=args.max_tokens, text_path=args.eval_text,
@@ -176,13 +176,13 @@ def _eval_config(args):
 
 def _local_executor(args):
     """Worker processes (the default) or this process; --jobs and --timeout are checked in either mode."""
-    from . import executors
+    from workbench.run import executors, workers
 
-    workers = executors.WorkerProcesses(args.jobs, args.timeout, library_log=_log)
+    pool = workers.WorkerProcesses(args.jobs, args.timeout, library_log=_log)
     if args.in_process:
         return executors.InProcess()
-    workers.warm_up()  # the workers' fork server imports torch and transformers while the session opens
-    return workers
+    pool.warm_up()  # the workers' fork server imports torch and transformers while the session opens
+    return pool
 
 
 def _check_executor_options(args) -> None:
@@ -201,47 +201,40 @@ def _check_executor_options(args) -> None:
 
 
 def _ray_executor(args):
-    from . import executors
+    from workbench.run import ray_tasks
 
-    executors.import_ray()  # missing Ray is said before the model is opened
-    return executors.RayTasks(address=args.address, num_cpus=args.ray_cpus, library_log=_log)
+    ray_tasks.import_ray()  # missing Ray is said before the model is opened
+    return ray_tasks.RayTasks(address=args.address, num_cpus=args.ray_cpus, library_log=_log)
 
 
 def _measure(args, spec, eval_cfg, choices: list, executor, left_out: list[str] = (), metric: str = "ppl", after=None) -> int:
-    """Open the session, run the choices through `runner.compare` appending each finished result to
+    """Open the session, run the choices through `compare.compare`, which appends each finished result to
     OUT/history.jsonl at once, write results.json/csv and report.html, print the table (and
     `after(measured)`). Exits non-zero only when nothing succeeded."""
-    from . import charts, executors, results, runner
+    from workbench.report import charts
+    from workbench.run import compare, executors, results, runner, workers
 
     out = Path(args.out)
     _check_writable(out)
     session = runner.Session.open(spec, eval_cfg, _log)
-    if isinstance(executor, executors.WorkerProcesses):
+    if isinstance(executor, workers.WorkerProcesses):
         executors.check_jobs_fit(args.jobs, session, choices)
-    history = out / "history.jsonl"
-    previous = results.read_history(history, _log)
-    finished = []
-
-    def keep(result) -> None:
-        finished.append(result)
-        results.append_history([result], history)
-
+    history = compare.History.in_folder(out)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # quantization libraries print progress: keep stdout for the table
-            measured = runner.compare(session, choices, previous, args.rerun, _log, _progress_bar(), executor=executor,
-                                      on_result=keep)
+            measured = compare.compare(session, choices, history, args.rerun, _log, _progress_bar(), executor=executor)
     except KeyboardInterrupt as exc:
         word = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"{word}: {len(finished)} finished result(s) kept in {history}", file=sys.stderr)
+        print(f"{word}: {len(history.kept)} finished result(s) kept in {history.path}", file=sys.stderr)
         return _interrupted_status(exc)
     if any(r.error is None for r in measured):
         out.mkdir(parents=True, exist_ok=True)
         results.write_json(measured, out / "results.json")
         results.write_csv(measured, out / "results.csv")
         charts.write_report(measured, out / "report.html", left_out, metric)
-        wrote = f"Wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.html'} (history: {history})"
+        wrote = f"Wrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'report.html'} (history: {history.path})"
     else:
-        wrote = f"Nothing succeeded, so {out}'s results files were left as they were (history: {history})"
+        wrote = f"Nothing succeeded, so {out}'s results files were left as they were (history: {history.path})"
     print(results.format_table(measured))
     if args.details and results.format_details(measured):
         print(f"\n{results.format_details(measured)}")
@@ -255,7 +248,7 @@ def _measure(args, spec, eval_cfg, choices: list, executor, left_out: list[str] 
 
 def _check_writable(out: Path) -> None:
     """Before any work: the output folder can be written to and has room (it is created at the first result)."""
-    from .files import check_writable
+    from workbench.core.files import check_writable
 
     check_writable(out, f"--out {str(out)!r}")
 
@@ -303,8 +296,9 @@ def _progress_bar():
 
 
 def _estimate(args) -> int:
-    from . import estimate, models
-    from .config import ModelSpec
+    from workbench.run import estimate
+    from workbench.sources import models
+    from workbench.core.config import ModelSpec
 
     source = models.resolve(args.model, log=_log, trust_remote_code=args.trust_remote_code)
     models.check_causal_lm(source)

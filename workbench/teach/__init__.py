@@ -183,7 +183,7 @@ def four_bit_levels() -> dict[str, list[float]]:
     """The values a 4-bit code can mean, relative to the block's absmax: NF4 puts them at
     quantiles of a normal distribution (dense near zero, where weights are); FP4 and a uniform
     int4 grid spread them differently. (bitsandbytes' FP4 table holds 0 twice: +0 and -0.)"""
-    from .quiet import LIBRARY_LOG, library_output
+    from workbench.core.quiet import LIBRARY_LOG, library_output
 
     with library_output(LIBRARY_LOG):  # bitsandbytes reports the CPU kernels it lacks on import
         from bitsandbytes.functional import get_4bit_type
@@ -347,7 +347,7 @@ def gptq_vs_rtn(model, tokenizer, layer: int = -3, tokens: int = 1024, bits: int
                 damp: float = 0.1, record: int = 0) -> dict:
     """One layer quantized by round-to-nearest and by GPTQ (calibrated on `tokens` tokens of the
     bundled calibration text), each scored on those tokens and on as many held-out evaluation tokens."""
-    from . import data
+    from workbench.sources import data
 
     block = 256
     calibration = layer_inputs(model, layer, data.calibration_blocks(tokenizer, max(1, tokens // block), block))
