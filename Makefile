@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then compare the default methods on the offline model -> results/
-#   make test   set up, then run the test suite
+#   make test   set up, then run the whole test suite
+# and one check for every edit:
+#   make check  lint and format check, the import-layer test, the tests that load no model
 # Set-up creates .venv if missing and installs from requirements*.txt; it re-runs only
 # when those files change. TORCH picks the torch build (the CPU wheel by default).
 
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-e2e bench clean
+.PHONY: setup demo check format test test-e2e bench clean
 
 setup: $(STAMP)
 
@@ -34,13 +36,21 @@ $(WIDGETS7)/.installed: $(STAMP)
 	$(PY) -m pip install -q --no-deps --target $(WIDGETS7) ipywidgets==7.7.1 ipython_genutils==0.2.0
 	touch $@
 
-# Three pytest workers, one test file each at a time (longest first: tests/conftest.py). Torch in
-# each uses every core, and its OpenMP threads sleep while they wait instead of spinning
-# (OMP_WAIT_POLICY=PASSIVE), so the workers share the cores without burning them. Serially the
-# suite kept a core idle about half the time: 18:16 on 2 cores; two workers on one thread each
-# 13:57, on every core each 12:51 and 14:30 (2026-12-02; the machine's speed varies by 20-40%).
-# Two workers still left a quarter of the cores idle (waits for worker processes, kernels, Ray):
-# 16:10 with 24 of 32 core-minutes used; three workers 13:04, twenty minutes later (2026-12-03).
+LINTED := workbench tests bench data
+
+# Ruff's lint and format rules are in pyproject.toml; `make format` applies them.
+check: setup
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
+	$(PY) -m pytest tests -q -m 'not model and not slow and not e2e and not gpu' -p no:cacheprovider
+
+format: setup
+	$(PY) -m ruff check --fix $(LINTED)
+	$(PY) -m ruff format $(LINTED)
+
+# Three pytest workers, one test file each at a time (longest first: tests/conftest.py): waits for
+# worker processes, kernels and Ray leave a core idle otherwise. Torch's OpenMP threads sleep while
+# they wait instead of spinning (OMP_WAIT_POLICY=PASSIVE), so the workers share the cores.
 TEST_WORKERS ?= 3
 
 test: setup $(WIDGETS7)/.installed
@@ -62,4 +72,4 @@ bench: setup
 	$(PY) bench/notebook_times.py
 
 clean:
-	rm -rf results bench/out artifacts .pytest_cache $(WIDGETS7) notebooks/results notebooks/logs logs
+	rm -rf results artifacts .pytest_cache $(WIDGETS7) notebooks/results notebooks/logs logs

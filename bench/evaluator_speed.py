@@ -5,8 +5,8 @@ All score the same tokens of the offline model with windows of --max-length toke
 - plain loop: one `model(input_ids, labels=...)` per window, the workbench's windows;
 - raw forward: `model(input_ids, use_cache=False)` on the workbench's batches, logits only
   (the hardware limit the evaluator is held to: it adds the loss and nothing else);
-- lm-evaluation-harness `loglikelihood_rolling` (when `lm_eval` imports: see the README's
-  bench section for the pip line), with windows of --max-length positions like ours;
+- lm-evaluation-harness `loglikelihood_rolling` (when `lm_eval` imports:
+  `pip install lm-eval==0.4.13`), with windows of --max-length positions like ours;
 - KL: the evaluator with the KL statistics against a recorded reference (issue 12: at most
   15% on top of an evaluation).
 The text is cut to whole windows so that every evaluator runs the same windows (with a BOS,
@@ -27,15 +27,18 @@ import time
 
 import torch
 
-from workbench.sources import data, models
-from workbench.metrics import divergence, perplexity
 from workbench.core.config import auto_batch_size
+from workbench.metrics import divergence, perplexity
+from workbench.sources import data, models
+
+import record
 
 
 def plain_loop(model, ids: list[int], max_length: int, bos: int | None) -> tuple[float, int]:
     """The workbench's windows, one at a time, loss from transformers."""
     nll, count = 0.0, 0
-    for begin, end, first in perplexity.windows(len(ids), max_length, max_length, bos is not None)[0]:
+    spans = perplexity.windows(len(ids), max_length, max_length, bos is not None)[0]
+    for begin, end, first in spans:
         row = ([bos] if bos is not None else []) + ids[begin:end]
         labels = torch.tensor([row])
         labels[0, : first - begin + (bos is not None)] = -100
@@ -89,7 +92,8 @@ def main() -> None:
     ids = data.eval_tokens(tokenizer, data.builtin_eval_text(), args.tokens)
     bos = perplexity.expects_bos(tokenizer)
     per_window = args.max_length - (bos is not None)
-    ids = ids[: max(len(ids) // per_window, 1) * per_window]  # whole windows: the same ones for every evaluator
+    # whole windows: the same ones for every evaluator
+    ids = ids[: max(len(ids) // per_window, 1) * per_window]
     model = models.load_model(source, "cpu")
     batch = auto_batch_size("cpu")
     length = args.max_length
@@ -101,8 +105,9 @@ def main() -> None:
 
     runs = {
         "workbench": lambda: perplexity.perplexity(model, ids, length, length, batch, bos),
-        "workbench + KL": lambda: perplexity.perplexity(model, ids, length, length, batch, bos,
-                                                     divergence=divergence.Divergence.against(reference)),
+        "workbench + KL": lambda: perplexity.perplexity(
+            model, ids, length, length, batch, bos, divergence=divergence.Divergence.against(reference)
+        ),
         "plain loop": lambda: plain_loop(model, ids, length, bos),
         "raw forward": lambda: raw_forward(model, ids, length, batch, bos),
         "lm-eval rolling": lambda: lm_eval_rolling(model, tokenizer, text, length, batch),
@@ -121,29 +126,57 @@ def main() -> None:
         return statistics.median(a / b for a, b in zip(seconds[name], seconds[than]))
 
     ours = values["workbench"]
-    tokens = {"workbench": ours.n_tokens, "workbench + KL": ours.n_tokens, "plain loop": values["plain loop"][1],
-              "raw forward": values["raw forward"]}
-    print(f"model {source.label}, {len(ids)} tokens, windows of {length}, workbench batch {batch} (chosen for cpu), "
-          f"{torch.get_num_threads()} threads, {args.repeats} rounds")
-    print(f"perplexity: workbench {ours.ppl:.5f}, plain loop {values['plain loop'][0]:.5f} "
-          f"(relative difference {abs(ours.ppl / values['plain loop'][0] - 1):.1e})")
+    tokens = {
+        "workbench": ours.n_tokens,
+        "workbench + KL": ours.n_tokens,
+        "plain loop": values["plain loop"][1],
+        "raw forward": values["raw forward"],
+    }
+    setup = (
+        f"model {source.label}, {len(ids)} tokens, windows of {length}, workbench batch {batch} (chosen for cpu), "
+        f"{torch.get_num_threads()} threads, {args.repeats} rounds"
+    )
+    difference = abs(ours.ppl / values["plain loop"][0] - 1)
+    agreement = (
+        f"perplexity: workbench {ours.ppl:.5f}, plain loop {values['plain loop'][0]:.5f} "
+        f"(relative difference {difference:.1e})"
+    )
+    print(setup)
+    print(agreement)
     if values["lm-eval rolling"] is not None:
         loglikelihood, n = values["lm-eval rolling"]
         tokens["lm-eval rolling"] = n
-        print(f"lm-eval: {n} tokens, perplexity {math.exp(-loglikelihood / n):.5f} (scores the first token too, after EOT)")
+        lm_eval = f"lm-eval: {n} tokens, perplexity {math.exp(-loglikelihood / n):.5f} (scores the first token too, after EOT)"
     else:
-        print("lm-eval: not installed (pip install lm-eval==0.4.13), its ratio is not measured")
+        lm_eval = "lm-eval: not installed (pip install lm-eval==0.4.13), its ratio is not measured"
+    print(lm_eval)
     for name, n in tokens.items():
-        print(f"{name:16s} {n / best[name]:7.0f} tok/s fastest  (rounds: {', '.join(f'{t:.2f}' for t in seconds[name])} s)")
+        print(
+            f"{name:16s} {n / best[name]:7.0f} tok/s fastest  (rounds: {', '.join(f'{t:.2f}' for t in seconds[name])} s)"
+        )
 
     def speed_ratio(other: str) -> float:  # workbench tok/s over the other's, per round
         return slower(other, "workbench") * tokens["workbench"] / tokens[other]
 
-    print(f"ratio workbench / plain loop:      {speed_ratio('plain loop'):.2f}x (goal >= 1.0)")
+    ratios = {"ratio workbench / plain loop": (speed_ratio("plain loop"), ">= 1.0")}
     if "lm-eval rolling" in tokens:
-        print(f"ratio workbench / lm-eval rolling: {speed_ratio('lm-eval rolling'):.2f}x (goal >= 1.0)")
-    print(f"ratio workbench / raw forward:     {speed_ratio('raw forward'):.2f}x (goal >= 0.95)")
-    print(f"KL overhead (time with / without): {slower('workbench + KL', 'workbench'):.2f}x (goal <= 1.15)")
+        ratios["ratio workbench / lm-eval rolling"] = (speed_ratio("lm-eval rolling"), ">= 1.0")
+    ratios["ratio workbench / raw forward"] = (speed_ratio("raw forward"), ">= 0.95")
+    ratios["KL overhead (time with / without)"] = (slower("workbench + KL", "workbench"), "<= 1.15")
+    for name, (ratio, goal) in ratios.items():
+        print(f"{name + ':':34} {ratio:.2f}x (goal {goal})")
+    summary = {f"{name} (x)": record.goal(round(ratio, 2), goal) for name, (ratio, goal) in ratios.items()}
+    summary["perplexity relative difference, workbench vs plain loop"] = float(f"{difference:.1e}")
+    rows = [
+        {
+            "evaluator": name,
+            "tokens": n,
+            "fastest (tok/s)": round(n / best[name]),
+            "rounds (s)": [round(t, 2) for t in seconds[name]],
+        }
+        for name, n in tokens.items()
+    ]
+    record.save("evaluator_speed", summary, rows, [setup, agreement, lm_eval])
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_S = 300
 
@@ -30,7 +32,9 @@ def _cell_noise():
 
 def run(path: Path, cell_noise) -> tuple[float, list[str], list[tuple[float, int]]]:
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        notebook, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     start = time.perf_counter()
     client.execute()
     wall = time.perf_counter() - start
@@ -43,7 +47,10 @@ def run(path: Path, cell_noise) -> tuple[float, list[str], list[tuple[float, int
         if "iopub.execute_input" in timing and "shell.execute_reply" in timing:
             from datetime import datetime
 
-            began, ended = (datetime.fromisoformat(timing[k].replace("Z", "+00:00")) for k in ("iopub.execute_input", "shell.execute_reply"))
+            began, ended = (
+                datetime.fromisoformat(timing[k].replace("Z", "+00:00"))
+                for k in ("iopub.execute_input", "shell.execute_reply")
+            )
             slow.append(((ended - began).total_seconds(), number))
     return wall, problems, sorted(slow)[-3:]
 
@@ -63,7 +70,26 @@ def main() -> None:
         print(f"{name:34} {wall:7.0f}  {'ok' if wall < GOAL_S else 'OVER':>6}  {cells}")
         for problem in problems:
             print(f"    not quiet: {problem}")
-    print(f"\nslowest: {rows and max(rows)[1]} at {max(rows)[0]:.0f} s = {max(rows)[0] / GOAL_S:.2f} of the {GOAL_S} s goal")
+    print(
+        f"\nslowest: {rows and max(rows)[1]} at {max(rows)[0]:.0f} s = {max(rows)[0] / GOAL_S:.2f} of the {GOAL_S} s goal"
+    )
+    slowest_s, slowest = max(rows)[:2]
+    summary = {
+        "notebooks": len(rows),
+        "slowest notebook": slowest,
+        "slowest wall time (s)": record.goal(round(slowest_s), f"< {GOAL_S}"),
+        "cells not quiet": sum(len(problems) for _, _, problems, _ in rows),
+    }
+    details = [
+        {
+            "notebook": name,
+            "wall time (s)": round(wall),
+            "slowest cells (s)": [f"#{n} {s:.0f}" for s, n in reversed(slow)],
+            "not quiet": problems,
+        }
+        for wall, name, problems, slow in sorted(rows)
+    ]
+    record.save("notebook_times", summary, details)
 
 
 if __name__ == "__main__":

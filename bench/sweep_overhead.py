@@ -20,8 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from workbench.run import sweep
 from workbench.cli import main as cli
+from workbench.run import sweep
+
+import record
 
 DEFAULT_GRIDS = ["hqq:bits=2,4", "bnb-nf4", "bnb-int8"]
 
@@ -40,15 +42,25 @@ def perplexities(folder: Path) -> list[float]:
     return [row["ppl"] for row in json.loads((folder / "results.json").read_text())]
 
 
-def one_round(round_: int, grids: list[str], cells: list, common: list[str], root: Path, log) -> tuple[float, list[float]]:
+def one_round(
+    round_: int, grids: list[str], cells: list, common: list[str], root: Path, log
+) -> tuple[float, list[float]]:
     """Both ways once, each into fresh folders; odd rounds run the cells one by one first, so
     that neither way always runs first (a warm page cache, a CPU that just sped up)."""
+
     def as_sweep() -> list[float]:
-        return [timed(["sweep", *common, *[a for g in grids for a in ("--grid", g)], "--out", str(root / f"sweep{round_}")], log)]
+        return [
+            timed(
+                ["sweep", *common, *[a for g in grids for a in ("--grid", g)], "--out", str(root / f"sweep{round_}")],
+                log,
+            )
+        ]
 
     def one_by_one() -> list[float]:
-        return [timed(["compare", *common, "--methods", cell.text, "--out", str(root / f"cell{round_}-{i}")], log)
-                for i, cell in enumerate(cells)]
+        return [
+            timed(["compare", *common, "--methods", cell.text, "--out", str(root / f"cell{round_}-{i}")], log)
+            for i, cell in enumerate(cells)
+        ]
 
     if round_ % 2:
         one_s = one_by_one()
@@ -59,7 +71,9 @@ def one_round(round_: int, grids: list[str], cells: list, common: list[str], roo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled")
-    parser.add_argument("--grid", action="append", default=None, help=f"repeatable (default: {' '.join(DEFAULT_GRIDS)})")
+    parser.add_argument(
+        "--grid", action="append", default=None, help=f"repeatable (default: {' '.join(DEFAULT_GRIDS)})"
+    )
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="both ways this many times, alternating which goes first")
@@ -82,8 +96,21 @@ def main() -> None:
     for cell, seconds in zip(cells, one_s):
         print(f"{cell.label:28} {seconds:25.1f}")
     print(f"\nsame perplexities both ways (to 1e-6): {'yes' if same else 'NO'}")
-    print(f"wall time over {args.rounds} round(s): sweep {sweep_s:.1f} s, the {len(cells)} cells one by one {sum(one_s):.1f} s")
+    print(
+        f"wall time over {args.rounds} round(s): sweep {sweep_s:.1f} s, the {len(cells)} cells one by one {sum(one_s):.1f} s"
+    )
     print(f"ratio sweep / one by one wall time: {sweep_s / sum(one_s):.2f}x (goal <= 1.05)")
+    summary = {
+        "same perplexities both ways (to 1e-6)": same,
+        "sweep wall time (s)": round(sweep_s, 1),
+        "cells one by one wall time (s)": round(sum(one_s), 1),
+        "ratio sweep / one by one wall time (x)": record.goal(round(sweep_s / sum(one_s), 2), "<= 1.05"),
+    }
+    rows = [
+        {"cell": cell.label, "one by one, all rounds (s)": round(seconds, 1)} for cell, seconds in zip(cells, one_s)
+    ]
+    notes = [f"grids {' '.join(grids)}, {args.tokens} tokens, {args.rounds} round(s)"]
+    record.save("sweep_overhead", summary, rows, notes)
 
 
 if __name__ == "__main__":

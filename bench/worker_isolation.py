@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from workbench.run import executors, runner
 from workbench.cli import DEFAULT_METHODS
 from workbench.core.config import EvalConfig, ModelSpec
 from workbench.core.quiet import library_output
-from workbench.run import workers
+from workbench.run import executors, runner, workers
 from workbench.run.compare import compare
+
+import record
 
 MB = 2**20
 
@@ -44,8 +45,11 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=16)
     args = parser.parse_args()
     choices = args.methods.split(",")
-    session = runner.Session.open(ModelSpec("bundled", device="cpu"),
-                                  EvalConfig(max_tokens=args.tokens, decode_tokens=args.decode_tokens), log=lambda m: None)
+    session = runner.Session.open(
+        ModelSpec("bundled", device="cpu"),
+        EvalConfig(max_tokens=args.tokens, decode_tokens=args.decode_tokens),
+        log=lambda m: None,
+    )
 
     library_log = Path(tempfile.gettempdir()) / "workbench-bench-library.log"
     here, forward, backward = {}, {}, {}
@@ -55,8 +59,9 @@ def main() -> None:
         start = time.perf_counter()
         modes[0][1].warm_up()  # the fork server's start counts for the workers
         seconds["workers"] += time.perf_counter() - start
-        for i, choice in enumerate(choices):  # order A, both modes back to back, the first one alternating
-            for name, executor, results in (modes if i % 2 == 0 else modes[::-1]):
+        # order A, both modes back to back, the first one alternating
+        for i, choice in enumerate(choices):
+            for name, executor, results in modes if i % 2 == 0 else modes[::-1]:
                 result, elapsed = timed(session, choice, executor)
                 results[result.label] = result
                 seconds[name] += elapsed
@@ -65,19 +70,47 @@ def main() -> None:
             backward[result.label] = result
     print(f"library output: {library_log}")
 
-    print(f"{'method':28} {'in-process peak MB':>18} {'worker peak MB (order A / B)':>30} {'A/B':>6}  {'decode tok/s':>12} {'spread':>7}")
-    ratios = []
+    print(
+        f"{'method':28} {'in-process peak MB':>18} {'worker peak MB (order A / B)':>30} {'A/B':>6}  {'decode tok/s':>12} {'spread':>7}"
+    )
+    ratios, rows = [], []
     for label, a in forward.items():
         b = backward[label]
         ratio = a.peak_above_baseline_bytes / b.peak_above_baseline_bytes
         ratios.append(ratio)
-        print(f"{label:28} {here[label].peak_above_baseline_bytes / MB:18.0f} {a.peak_above_baseline_bytes / MB:14.0f} / "
-              f"{b.peak_above_baseline_bytes / MB:<13.0f} {ratio:6.3f}  {a.decode_tokens_per_s or 0:12.1f} "
-              f"{'x%.2f' % a.decode_spread if a.decode_spread else '':>7}")
+        rows.append(
+            {
+                "method": label,
+                "in-process peak (MB)": round(here[label].peak_above_baseline_bytes / MB),
+                "worker peak, order A (MB)": round(a.peak_above_baseline_bytes / MB),
+                "worker peak, order B (MB)": round(b.peak_above_baseline_bytes / MB),
+                "A / B": round(ratio, 3),
+                "decode (tok/s)": round(a.decode_tokens_per_s or 0, 1),
+                "decode spread (x)": round(a.decode_spread, 2) if a.decode_spread else None,
+            }
+        )
+        print(
+            f"{label:28} {here[label].peak_above_baseline_bytes / MB:18.0f} {a.peak_above_baseline_bytes / MB:14.0f} / "
+            f"{b.peak_above_baseline_bytes / MB:<13.0f} {ratio:6.3f}  {a.decode_tokens_per_s or 0:12.1f} "
+            f"{'x%.2f' % a.decode_spread if a.decode_spread else '':>7}"
+        )
     print(f"\nwall time: workers {seconds['workers']:.1f} s, in-process {seconds['in-process']:.1f} s")
     print(f"ratio workers / in-process wall time: {seconds['workers'] / seconds['in-process']:.2f}x (goal <= 1.10)")
     worst = max(abs(r - 1) for r in ratios)
-    print(f"order independence: largest peak-above-baseline difference between the orders {100 * worst:.1f}% (goal <= 5%)")
+    print(
+        f"order independence: largest peak-above-baseline difference between the orders {100 * worst:.1f}% (goal <= 5%)"
+    )
+    summary = {
+        "workers wall time (s)": round(seconds["workers"], 1),
+        "in-process wall time (s)": round(seconds["in-process"], 1),
+        "ratio workers / in-process wall time (x)": record.goal(
+            round(seconds["workers"] / seconds["in-process"], 2), "<= 1.10"
+        ),
+        "largest peak-above-baseline difference between the orders (%)": record.goal(round(100 * worst, 1), "<= 5"),
+    }
+    record.save(
+        "worker_isolation", summary, rows, [f"{args.tokens} evaluation tokens, {args.decode_tokens} decode tokens"]
+    )
 
 
 if __name__ == "__main__":

@@ -45,14 +45,7 @@ PARAMS = [
 UNIT_WORDS = {"million": Decimal(10) ** 6, "billion": Decimal(10) ** 9}
 
 # Bit widths and the names a question may use for them.
-BIT_NAMES = {
-    32: ["fp32"],
-    16: ["fp16", "bf16"],
-    8: ["int8"],
-    4: ["4-bit"],
-    3: ["3-bit"],
-    2: ["2-bit"],
-}
+BIT_NAMES = {32: ["fp32"], 16: ["fp16", "bf16"], 8: ["int8"], 4: ["4-bit"], 3: ["3-bit"], 2: ["2-bit"]}
 BITS = list(BIT_NAMES)
 
 # {short}: "7B"; {long}: "7 billion"; {name}: "fp16", "int8", "4-bit"; {bits}: 4.
@@ -107,7 +100,9 @@ def build(rng: random.Random) -> tuple[list[dict], list[dict], list[dict]]:
         rows = []
         for param, bits in facts:
             for template in rng.sample(TEMPLATES, TEMPLATES_PER_FACT):
-                rows.append({"instruction": question(rng, template, param, bits), "response": answer(param[1], param[2], bits)})
+                rows.append(
+                    {"instruction": question(rng, template, param, bits), "response": answer(param[1], param[2], bits)}
+                )
         return rows
 
     train = examples([(p, b) for p in PARAMS for b in BITS if (p, b) not in held_set])

@@ -11,14 +11,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-SLOWEST_FILES = ("tests/test_real_model.py", "notebooks/04_merge_and_deploy.ipynb", "tests/test_qlora_cpu.py",
-                 "tests/test_methods.py", "notebooks/05_where_bits_matter.ipynb", "tests/test_hostile.py",
-                 "notebooks/03_qlora_finetune.ipynb", "tests/test_ray_executor.py",
-                 "tests/test_panels_on_ipywidgets7.py")
+SLOWEST_FILES = (
+    "tests/test_real_model.py",
+    "notebooks/04_merge_and_deploy.ipynb",
+    "tests/test_qlora_cpu.py",
+    "tests/test_methods.py",
+    "notebooks/05_where_bits_matter.ipynb",
+    "tests/test_hostile.py",
+    "notebooks/03_qlora_finetune.ipynb",
+    "tests/test_ray_executor.py",
+    "tests/test_panels_on_ipywidgets7.py",
+)
 """Run first, longest first (1.5-5 minutes each on 2 cores, from --durations): `make test`'s
 pytest workers (three) take a file at a time in this order (`--no-loadscope-reorder`; pytest-xdist's own
 order, most tests first, started the notebooks last), and a long file started last kept one
 worker busy alone."""
+
+
+MODEL_FIXTURES = {"bundled_source", "tiny_folder"}
+"""Fixtures that load a real tokenizer or model: a test that uses one (even through another
+fixture) is marked `model`, and `make check` leaves it to `make test`."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,6 +38,9 @@ def pytest_collection_modifyitems(config, items):
 
     rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or not item.nodeid.startswith("tests/"):
+            item.add_marker(pytest.mark.model)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -54,9 +69,18 @@ def tiny_folder(tmp_path_factory, bundled_source):
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = models.load_tokenizer(bundled_source)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -65,8 +89,28 @@ def tiny_folder(tmp_path_factory, bundled_source):
 
 @pytest.fixture(scope="session")
 def tiny_session(tiny_folder):
-    from workbench.run import runner
     from workbench.core.config import EvalConfig, ModelSpec
+    from workbench.run import runner
 
-    return runner.Session.open(ModelSpec(str(tiny_folder), device="cpu"),
-                               EvalConfig(max_length=128, stride=128, max_tokens=512, decode_tokens=8))
+    return runner.Session.open(
+        ModelSpec(str(tiny_folder), device="cpu"),
+        EvalConfig(max_length=128, stride=128, max_tokens=512, decode_tokens=8),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_session):
+    """The tiny Llama loaded in full precision on the CPU (one per test module)."""
+    from workbench.sources import models
+
+    return models.load_model(tiny_session.source, "cpu")
+
+
+@pytest.fixture
+def custom():
+    """The test methods of tests/custom_method.py (crash, hang, NaN...), registered from outside the package."""
+    import custom_method
+
+    custom_method.register_all()
+    yield custom_method
+    custom_method.unregister_all()

@@ -11,8 +11,8 @@ import signal
 import time
 
 from workbench import methods
-from workbench.sources import models
 from workbench.methods import Method, Param
+from workbench.sources import models
 
 
 def _rtn8(request):
@@ -42,11 +42,23 @@ def _nan(request):
 
 
 METHODS = (
-    Method(name="test-rtn8", family="test", bits=8, summary="8-bit round to nearest per row, fake-quantized in fp32.",
-           quantize=_rtn8, storage=lambda method, params, device: (32, 32)),
+    Method(
+        name="test-rtn8",
+        family="test",
+        bits=8,
+        summary="8-bit round to nearest per row, fake-quantized in fp32.",
+        quantize=_rtn8,
+        storage=lambda method, params, device: (32, 32),
+    ),
     Method(name="test-crash", family="test", bits=32, summary="Dies from SIGSEGV while quantizing.", quantize=_crash),
-    Method(name="test-hang", family="test", bits=32, summary="Sleeps while quantizing.", quantize=_hang,
-           params=(Param("seconds", 600.0, "How long to sleep.", minimum=0.0),)),
+    Method(
+        name="test-hang",
+        family="test",
+        bits=32,
+        summary="Sleeps while quantizing.",
+        quantize=_hang,
+        params=(Param("seconds", 600.0, "How long to sleep.", minimum=0.0),),
+    ),
     Method(name="test-nan", family="test", bits=32, summary="A model whose outputs are NaN.", quantize=_nan),
 )
 

@@ -12,17 +12,44 @@ from workbench.report import claims
 from workbench.run.results import MB, Result
 
 PROTOCOL = {"text": "wiki", "eval_tokens": 256, "max_length": 512, "stride": 512}
-DEFAULTS = {"gptq": {"bits": 4, "group_size": 64, "act_order": False}, "bnb-nf4": {"double_quant": True},
-            "bnb-int8": {"threshold": 6.0}, "fp32": {}}
+DEFAULTS = {
+    "gptq": {"bits": 4, "group_size": 64, "act_order": False},
+    "bnb-nf4": {"double_quant": True},
+    "bnb-int8": {"threshold": 6.0},
+    "fp32": {},
+}
 
 
-def result(method: str, ppl: float, tok_s: float = 10.0, load_s: float = 1.0, weight_mb: float = 100.0, bits: int = 4,
-           params: dict | None = None, error: str | None = None, fingerprint: str = "m1", device: str = "cpu") -> Result:
+def result(
+    method: str,
+    ppl: float,
+    tok_s: float = 10.0,
+    load_s: float = 1.0,
+    weight_mb: float = 100.0,
+    bits: int = 4,
+    params: dict | None = None,
+    error: str | None = None,
+    fingerprint: str = "m1",
+    device: str = "cpu",
+) -> Result:
     params = {**DEFAULTS.get(method, {}), **(params or {})}
     label = method + "".join(f"({k}={v})" for k, v in (params.items() - DEFAULTS.get(method, {}).items()))
-    return Result("tiny", method, method, bits, params, device, label=label, ppl=None if error else ppl,
-                  decode_tokens_per_s=tok_s, load_s=load_s, weight_bytes=int(weight_mb * MB), error=error,
-                  model_fingerprint=fingerprint, protocol=PROTOCOL)
+    return Result(
+        "tiny",
+        method,
+        method,
+        bits,
+        params,
+        device,
+        label=label,
+        ppl=None if error else ppl,
+        decode_tokens_per_s=tok_s,
+        load_s=load_s,
+        weight_bytes=int(weight_mb * MB),
+        error=error,
+        model_fingerprint=fingerprint,
+        protocol=PROTOCOL,
+    )
 
 
 def row(rows: list[dict], checked_with: str, words: str = "") -> dict:
@@ -38,7 +65,9 @@ def test_minimal_degradation_holds_and_fails_at_the_stated_bar():
     assert row(rows, "bnb-int8")["verdict"] == claims.HOLDS
     assert f"{claims.MINIMAL_DEGRADATION_PCT:g} %" in row(rows, "bnb-int8")["holds when"]
     assert row(rows, "bnb-nf4", "degradation is minimal")["verdict"] == claims.FAILS
-    assert row(rows, "bnb-nf4", "degradation is minimal")["measured here"] == "bnb-nf4 25 vs fp32 20 ppl (+25.0 %), on cpu"
+    assert (
+        row(rows, "bnb-nf4", "degradation is minimal")["measured here"] == "bnb-nf4 25 vs fp32 20 ppl (+25.0 %), on cpu"
+    )
     over = claims.check([FP32, result("bnb-int8", 20.0 * (1 + claims.MINIMAL_DEGRADATION_PCT / 100) + 1e-6, bits=8)])
     assert row(over, "bnb-int8")["verdict"] == claims.FAILS
 
@@ -56,11 +85,19 @@ def test_two_bit_gptq_claim_is_checked_with_two_bit_gptq_only():
 
 
 def test_speed_and_preparation_compare_gptq_with_bitsandbytes_and_say_the_device():
-    rows = claims.check([FP32, result("gptq", 21.0, tok_s=30, load_s=50, device="cuda"),
-                         result("bnb-nf4", 22.0, tok_s=12, load_s=2, device="cuda")])
-    speed, prepare = row(rows, "gptq:bits=4", "fast compared"), row(rows, "gptq:bits=4", "calibration dataset")
+    rows = claims.check(
+        [
+            FP32,
+            result("gptq", 21.0, tok_s=30, load_s=50, device="cuda"),
+            result("bnb-nf4", 22.0, tok_s=12, load_s=2, device="cuda"),
+        ]
+    )
+    speed, prepare = (row(rows, "gptq:bits=4", "fast compared"), row(rows, "gptq:bits=4", "calibration dataset"))
     assert speed["verdict"] == prepare["verdict"] == claims.HOLDS
-    assert speed["measured here"] == "gptq 30 vs bnb-nf4 12 tok/s (2.5 x), on cuda" and "GPU" in speed["the blog measured on"]
+    assert (
+        speed["measured here"] == "gptq 30 vs bnb-nf4 12 tok/s (2.5 x), on cuda"
+        and "GPU" in speed["the blog measured on"]
+    )
     slower = claims.check([result("gptq", 21.0, tok_s=5), result("bnb-nf4", 22.0, tok_s=12)])
     assert row(slower, "gptq:bits=4", "fast compared")["verdict"] == claims.FAILS
 
@@ -71,8 +108,13 @@ def test_not_measured_asks_only_for_what_is_missing():
     assert "add fp32 " in asked and "bnb-nf4" not in asked
     speed = row(rows, "gptq:bits=4", "fast compared")["measured here"]
     assert "add gptq:bits=4 " in speed and "bnb-nf4" not in speed
-    everything = [FP32, result("bnb-int8", 20.1, bits=8), result("bnb-nf4", 22.0), result("gptq", 21.0),
-                  result("gptq", 60.0, params={"bits": 2}, bits=2)]
+    everything = [
+        FP32,
+        result("bnb-int8", 20.1, bits=8),
+        result("bnb-nf4", 22.0),
+        result("gptq", 21.0),
+        result("gptq", 60.0, params={"bits": 2}, bits=2),
+    ]
     rows = claims.check(everything)
     assert all(r["verdict"] != claims.NOT_MEASURED for r in rows)
 
@@ -82,20 +124,37 @@ def test_a_failed_method_is_reported_not_requested_again():
     two_bit = row(rows, "gptq:bits=2")
     assert two_bit["verdict"] == claims.NOT_MEASURED
     assert "failed here: RuntimeError: no kernel" in two_bit["measured here"] and "add" not in two_bit["measured here"]
-    retried = claims.check([FP32, result("gptq", 0, params={"bits": 2}, bits=2, error="RuntimeError"),
-                            result("gptq", 50.0, params={"bits": 2}, bits=2)])
+    retried = claims.check(
+        [
+            FP32,
+            result("gptq", 0, params={"bits": 2}, bits=2, error="RuntimeError"),
+            result("gptq", 50.0, params={"bits": 2}, bits=2),
+        ]
+    )
     assert row(retried, "gptq:bits=2")["verdict"] == claims.HOLDS  # a later success is used
 
 
 def test_an_adapter_row_is_not_taken_for_its_base():
-    with_adapter = Result("tiny", "bnb-nf4", "bitsandbytes", 4, DEFAULTS["bnb-nf4"], "cpu", label="bnb-nf4+lora",
-                          adapter="/a", ppl=20.0, weight_bytes=MB)
+    with_adapter = Result(
+        "tiny",
+        "bnb-nf4",
+        "bitsandbytes",
+        4,
+        DEFAULTS["bnb-nf4"],
+        "cpu",
+        label="bnb-nf4+lora",
+        adapter="/a",
+        ppl=20.0,
+        weight_bytes=MB,
+    )
     assert row(claims.check([FP32, with_adapter]), "bnb-nf4", "minimal")["verdict"] == claims.NOT_MEASURED
 
 
 def test_notebook_prose_states_the_same_bar_as_the_table():
     notebook = Path(__file__).resolve().parents[1] / "notebooks" / "02_compare_methods.ipynb"
-    prose = " ".join("".join(c["source"]) for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "markdown")
+    prose = " ".join(
+        "".join(c["source"]) for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "markdown"
+    )
     assert "nearly lossless" not in prose
     assert f"{claims.MINIMAL_DEGRADATION_PCT:g} %" in prose
 

@@ -33,22 +33,49 @@ def test_methods_json_lists_every_method_with_availability(capsys):
 
 def test_compare_writes_results_and_goes_on_after_a_failure(capsys, tiny_folder, tmp_path):
     out_dir = tmp_path / "out"
-    code, out, err = run(capsys, "compare", "--model", str(tiny_folder), "--methods", "fp32,bnb-nf4,torchao-int4,fp32",
-                         "--out", str(out_dir), *FAST)
+    code, out, err = run(
+        capsys,
+        "compare",
+        "--model",
+        str(tiny_folder),
+        "--methods",
+        "fp32,bnb-nf4,torchao-int4,fp32",
+        "--out",
+        str(out_dir),
+        *FAST,
+    )
     assert code == 0
     assert "named twice" in err  # the duplicate is measured once
     results = json.loads((out_dir / "results.json").read_text())
     assert [r["method"] for r in results] == ["fp32", "bnb-nf4", "torchao-int4"]
     for r in results:
-        assert {"method", "label", "ppl", "weight_bytes", "peak_bytes", "peak_above_baseline_bytes", "load_s",
-                "decode_tokens_per_s", "decode_spread", "mode", "error", "protocol"} <= set(r)
+        assert {
+            "method",
+            "label",
+            "ppl",
+            "weight_bytes",
+            "peak_bytes",
+            "peak_above_baseline_bytes",
+            "load_s",
+            "decode_tokens_per_s",
+            "decode_spread",
+            "mode",
+            "error",
+            "protocol",
+        } <= set(r)
     fp32, nf4, gpu_only = results
     assert fp32["error"] is None and nf4["error"] is None and fp32["mode"] == nf4["mode"] == "worker"
     assert nf4["weight_bytes"] < fp32["weight_bytes"] and nf4["ppl"] > 1
-    assert fp32["protocol"]["max_length"] == 128 and fp32["protocol"]["stride"] == 127 and fp32["protocol"]["n_tokens"] == 255
+    assert (
+        fp32["protocol"]["max_length"] == 128
+        and fp32["protocol"]["stride"] == 127
+        and fp32["protocol"]["n_tokens"] == 255
+    )
     assert "cuda only" in gpu_only["error"]
     assert (out_dir / "results.csv").read_text().startswith("model,method,")
-    assert "js-plotly-plot" in (out_dir / "report.html").read_text() or "plotly" in (out_dir / "report.html").read_text()
+    assert (
+        "js-plotly-plot" in (out_dir / "report.html").read_text() or "plotly" in (out_dir / "report.html").read_text()
+    )
     assert "bnb-nf4" in out and "Δ ppl %" in out and "Traceback" not in err
     assert len((out_dir / "history.jsonl").read_text().splitlines()) == 3
 
@@ -66,7 +93,9 @@ def test_compare_reuses_history_unless_rerun(capsys, tiny_folder, tmp_path):
 def test_compare_exits_non_zero_when_nothing_succeeds_and_keeps_earlier_results(capsys, tiny_folder, tmp_path):
     run(capsys, "compare", "--model", str(tiny_folder), "--methods", "fp32", "--out", str(tmp_path), *FAST)
     before = (tmp_path / "results.json").read_text()
-    code, out, _ = run(capsys, "compare", "--model", str(tiny_folder), "--methods", "torchao-int4", "--out", str(tmp_path), *FAST)
+    code, out, _ = run(
+        capsys, "compare", "--model", str(tiny_folder), "--methods", "torchao-int4", "--out", str(tmp_path), *FAST
+    )
     assert code == 1 and "cuda only" in out and "left as they were" in out
     assert (tmp_path / "results.json").read_text() == before
 
@@ -74,26 +103,44 @@ def test_compare_exits_non_zero_when_nothing_succeeds_and_keeps_earlier_results(
 def test_eval_text_file_is_used_and_named(capsys, tiny_folder, tmp_path):
     text = tmp_path / "essay.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60, encoding="utf-8")
-    code, _, _ = run(capsys, "compare", "--model", str(tiny_folder), "--methods", "fp32", "--eval-text", str(text),
-                     "--out", str(tmp_path / "o"), *FAST)
+    code, _, _ = run(
+        capsys,
+        "compare",
+        "--model",
+        str(tiny_folder),
+        "--methods",
+        "fp32",
+        "--eval-text",
+        str(text),
+        "--out",
+        str(tmp_path / "o"),
+        *FAST,
+    )
     assert code == 0
     assert json.loads((tmp_path / "o" / "results.json").read_text())[0]["protocol"]["text"] == "essay.txt"
 
 
-@pytest.mark.parametrize("setup,argv,message", [
-    (None, ["--model", "./no/such/folder"], "no such model folder"),
-    ("not_model", ["--model", "{dir}"], "has no config.json"),
-    (None, ["--model", "some-org/model-that-does-not-exist-xyz"], "could not read its config from the Hugging Face Hub"),
-    ("empty", ["--eval-text", "{file}"], "the file is empty"),
-    ("short", ["--eval-text", "{file}"], "perplexity needs at least 32"),
-    ("binary", ["--eval-text", "{file}"], "not UTF-8"),
-    (None, ["--eval-text", "/no/such.txt"], "no such file"),
-    (None, ["--stride", "4096"], "larger than max_length"),
-    (None, ["--methods", ","], "no method named"),
-    (None, ["--methods", "nope"], "unknown method 'nope'"),
-    ("file", ["--out", "{file}"], "cannot write there"),
-    (None, ["--model", "missing.gguf"], "no such .gguf file"),
-])
+@pytest.mark.parametrize(
+    "setup,argv,message",
+    [
+        (None, ["--model", "./no/such/folder"], "no such model folder"),
+        ("not_model", ["--model", "{dir}"], "has no config.json"),
+        (
+            None,
+            ["--model", "some-org/model-that-does-not-exist-xyz"],
+            "could not read its config from the Hugging Face Hub",
+        ),
+        ("empty", ["--eval-text", "{file}"], "the file is empty"),
+        ("short", ["--eval-text", "{file}"], "perplexity needs at least 32"),
+        ("binary", ["--eval-text", "{file}"], "not UTF-8"),
+        (None, ["--eval-text", "/no/such.txt"], "no such file"),
+        (None, ["--stride", "4096"], "larger than max_length"),
+        (None, ["--methods", ","], "no method named"),
+        (None, ["--methods", "nope"], "unknown method 'nope'"),
+        ("file", ["--out", "{file}"], "cannot write there"),
+        (None, ["--model", "missing.gguf"], "no such .gguf file"),
+    ],
+)
 def test_bad_input_gives_one_clear_message(capsys, tiny_folder, tmp_path, setup, argv, message):
     target = tmp_path / "input"
     if setup == "not_model":
@@ -109,8 +156,11 @@ def test_bad_input_gives_one_clear_message(capsys, tiny_folder, tmp_path, setup,
     argv = [a.format(dir=target, file=target) for a in argv]
     if "--model" not in argv:
         argv += ["--model", str(tiny_folder)]
-    code, out, err = run(capsys, "compare", "--methods", "fp32", "--out", str(tmp_path / "o"), *FAST, *argv) \
-        if "--methods" not in argv else run(capsys, "compare", "--out", str(tmp_path / "o"), *FAST, *argv)
+    code, out, err = (
+        run(capsys, "compare", "--methods", "fp32", "--out", str(tmp_path / "o"), *FAST, *argv)
+        if "--methods" not in argv
+        else run(capsys, "compare", "--out", str(tmp_path / "o"), *FAST, *argv)
+    )
     assert code == 2
     assert err.startswith("error: ") and message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -9,18 +9,12 @@ import json
 import pytest
 import torch
 
-from workbench.metrics import divergence, perplexity
-from workbench.run import executors, results, runner
-from workbench.sources import models
 from workbench.core.config import EvalConfig, ModelSpec
 from workbench.core.errors import WorkbenchError
-from workbench.run import workers
+from workbench.metrics import divergence, perplexity
+from workbench.run import executors, results, runner, workers
 from workbench.run.compare import History, compare
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_session):
-    return models.load_model(tiny_session.source, "cpu")
+from workbench.sources import models
 
 
 def _score(model, ids, kl, max_length=128, batch_size=4):
@@ -55,13 +49,19 @@ def test_a_changed_model_has_positive_kl_whatever_the_chunking(recording, tiny_s
         for _, linear in models.block_linears(changed):
             linear.weight.add_(torch.randn_like(linear.weight) * linear.weight.std())
     stats = []
-    for chunk in (perplexity.LOGITS_CHUNK_ELEMENTS, len(tiny_session.tokenizer) * 7):  # one chunk per batch / many ragged chunks
+    for chunk in (
+        perplexity.LOGITS_CHUNK_ELEMENTS,
+        len(tiny_session.tokenizer) * 7,
+    ):  # one chunk per batch / many ragged chunks
         monkeypatch.setattr(perplexity, "LOGITS_CHUNK_ELEMENTS", chunk)
         kl = divergence.Divergence.against(reference)
         _score(changed, ids, kl)
         stats.append(kl.stats())
     assert stats[0].kl_mean > 1e-3 and stats[0].kl_p99 > stats[0].kl_mean and stats[0].top1_agreement < 1
-    assert stats[1].kl_mean == pytest.approx(stats[0].kl_mean, rel=1e-5) and stats[1].top1_agreement == stats[0].top1_agreement
+    assert (
+        stats[1].kl_mean == pytest.approx(stats[0].kl_mean, rel=1e-5)
+        and stats[1].top1_agreement == stats[0].top1_agreement
+    )
 
 
 def test_a_model_scored_from_full_logits_gets_the_same_kl_path():
@@ -69,8 +69,17 @@ def test_a_model_scored_from_full_logits_gets_the_same_kl_path():
     from transformers import GraniteConfig, GraniteForCausalLM
 
     torch.manual_seed(0)
-    model = GraniteForCausalLM(GraniteConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, logits_scaling=8.0)).eval()
+    model = GraniteForCausalLM(
+        GraniteConfig(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            logits_scaling=8.0,
+        )
+    ).eval()
     ids = torch.randint(0, 300, (2, 24))
     kl = divergence.Divergence.recording()
     with torch.no_grad():
@@ -130,13 +139,18 @@ def test_the_kl_estimate_is_close_to_the_exact_kl_on_a_real_model(bundled_source
     assert bool((lower <= exact + 1e-5).all()) and bool((estimate >= lower).all())  # a bound, and never below it
     assert 0.005 < exact.mean() < 1  # a real difference, in the range of 8- to 4-bit quantization
     assert estimate.mean().item() == pytest.approx(exact.mean().item(), rel=0.05)
-    assert torch.quantile(estimate.double(), 0.99).item() == pytest.approx(torch.quantile(exact.double(), 0.99).item(), rel=0.15)
+    assert torch.quantile(estimate.double(), 0.99).item() == pytest.approx(
+        torch.quantile(exact.double(), 0.99).item(), rel=0.15
+    )
     assert lower.mean() < 0.97 * exact.mean()  # the tail matters: the lumped bound alone would be well off
 
 
 def test_compare_measures_the_reference_first_and_shows_kl_in_every_output(tiny_folder, tmp_path):
-    session = runner.Session.open(ModelSpec(str(tiny_folder), device="cpu"),
-                                  EvalConfig(max_length=128, stride=128, max_tokens=333, decode_tokens=0), log=lambda m: None)
+    session = runner.Session.open(
+        ModelSpec(str(tiny_folder), device="cpu"),
+        EvalConfig(max_length=128, stride=128, max_tokens=333, decode_tokens=0),
+        log=lambda m: None,
+    )
     session.reference_path().unlink(missing_ok=True)  # a protocol of this test's own: no other test shares the file
     logs = []
     fp32, nf4 = compare(session, ["bnb-nf4"], log=logs.append, executor=executors.InProcess())
@@ -145,12 +159,20 @@ def test_compare_measures_the_reference_first_and_shows_kl_in_every_output(tiny_
     assert nf4.kl_mean > 0 and nf4.kl_p99 >= nf4.kl_mean and 0 < nf4.top1_agreement <= 1
     assert session.reference_path().is_file()
 
-    (reused,) = compare(session, ["bnb-nf4"], history=History(kept=[fp32, nf4]), log=logs.append, executor=executors.InProcess())
+    (reused,) = compare(
+        session, ["bnb-nf4"], history=History(kept=[fp32, nf4]), log=logs.append, executor=executors.InProcess()
+    )
     assert reused.reused_from and reused.kl_mean == nf4.kl_mean  # recorded: nothing runs again
 
     session.reference_path().unlink()
     logs.clear()
-    again = compare(session, ["fp32", "bnb-int8"], history=History(kept=[fp32, nf4]), log=logs.append, executor=executors.InProcess())
+    again = compare(
+        session,
+        ["fp32", "bnb-int8"],
+        history=History(kept=[fp32, nf4]),
+        log=logs.append,
+        executor=executors.InProcess(),
+    )
     assert [r.method for r in again] == ["fp32", "bnb-int8"] and again[0].reused_from is None
     assert any("measuring it again instead of reusing it" in line for line in logs) and again[1].kl_mean > 0
 
@@ -165,8 +187,11 @@ def test_compare_measures_the_reference_first_and_shows_kl_in_every_output(tiny_
 
 @pytest.mark.slow
 def test_a_worker_finds_the_reference_its_session_recorded(tiny_folder):
-    session = runner.Session.open(ModelSpec(str(tiny_folder), device="cpu"),
-                                  EvalConfig(max_length=128, stride=128, max_tokens=334, decode_tokens=0), log=lambda m: None)
+    session = runner.Session.open(
+        ModelSpec(str(tiny_folder), device="cpu"),
+        EvalConfig(max_length=128, stride=128, max_tokens=334, decode_tokens=0),
+        log=lambda m: None,
+    )
     session.reference_path().unlink(missing_ok=True)
     fp32, rtn = compare(session, ["fp32", "bnb-int8"], log=lambda m: None, executor=workers.WorkerProcesses())
     assert fp32.mode == rtn.mode == "worker" and fp32.kl_mean == 0.0

@@ -25,12 +25,27 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "artifacts" / "e2e"
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 TOKEN = "workbench-e2e"
 # Short runs: the point here is what a person sees, the numbers are tested elsewhere.
-KERNEL_ENV = {"WB_METHODS": "fp32,bnb-nf4", "WB_EVAL_TOKENS": "256", "WB_NEW_TOKENS": "8", "WB_STEPS": "4", "WB_DEPLOY": "rtn",
-              "WB_MAP_TOKENS": "32", "WB_MAP_BLOCKS": "28,29", "WB_SWEEP": "rtn:bits=3,4"}  # 05: a short map, a sweep of rows it measured
+KERNEL_ENV = {
+    "WB_METHODS": "fp32,bnb-nf4",
+    "WB_EVAL_TOKENS": "256",
+    "WB_NEW_TOKENS": "8",
+    "WB_STEPS": "4",
+    "WB_DEPLOY": "rtn",
+    "WB_MAP_TOKENS": "32",
+    "WB_MAP_BLOCKS": "28,29",
+    "WB_SWEEP": "rtn:bits=3,4",
+}  # 05: a short map, a sweep of rows it measured
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 
@@ -51,14 +66,30 @@ def lab(tmp_path_factory):
     settings = tmp_path_factory.mktemp("settings")
     notification = settings / "@jupyterlab" / "apputils-extension"
     notification.mkdir(parents=True)
-    (notification / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    (notification / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
     port = _free_port()
     env = {**os.environ, **KERNEL_ENV, "JUPYTERLAB_SETTINGS_DIR": str(settings)}
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--ServerApp.disable_check_xsrf=True", "--allow-root",
-         f"--LabApp.workspaces_dir={tmp_path_factory.mktemp('workspaces')}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--IdentityProvider.token={TOKEN}",
+            f"--ServerApp.root_dir={root}",
+            "--ServerApp.disable_check_xsrf=True",
+            "--allow-root",
+            f"--LabApp.workspaces_dir={tmp_path_factory.mktemp('workspaces')}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "w"),
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -104,7 +135,9 @@ def _run_all(page, timeout_s: float = 600) -> None:
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_role("menuitem", name=re.compile("^Run All Cells")).click()
         try:
-            page.wait_for_function("el => /\\[[0-9*]+\\]/.test(el.textContent)", arg=first_prompt.element_handle(), timeout=15_000)
+            page.wait_for_function(
+                "el => /\\[[0-9*]+\\]/.test(el.textContent)", arg=first_prompt.element_handle(), timeout=15_000
+            )
             break
         except Exception:
             continue
@@ -122,7 +155,9 @@ def _close(page, lab: str) -> None:
     page.close()
     request = urllib.request.Request(f"{lab}/api/kernels?token={TOKEN}")
     for kernel in json.loads(urllib.request.urlopen(request, timeout=10).read()):
-        urllib.request.urlopen(urllib.request.Request(f"{lab}/api/kernels/{kernel['id']}?token={TOKEN}", method="DELETE"), timeout=30)
+        urllib.request.urlopen(
+            urllib.request.Request(f"{lab}/api/kernels/{kernel['id']}?token={TOKEN}", method="DELETE"), timeout=30
+        )
 
 
 def _screenshot(page, name: str) -> None:
@@ -180,14 +215,21 @@ def test_compare_notebook_panels_work_in_the_browser(browser, lab):
     page.get_by_role("button", name="Compare").click()
     # The status still reads "done after" from Run All until the click reaches the kernel: wait for
     # what only the new run can produce, the comparison table with the third method, then its charts.
-    page.wait_for_function("() => [...document.querySelectorAll('table')].some(t => t.textContent.includes('perplexity')"
-                           " && t.textContent.includes('quanto-int8'))", timeout=300_000)
-    redrawn = "() => [...document.querySelectorAll('.js-plotly-plot')].some(p => ((p.data || [])[0]?.x?.length || 0) >= 3)"
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('table')].some(t => t.textContent.includes('perplexity')"
+        " && t.textContent.includes('quanto-int8'))",
+        timeout=300_000,
+    )
+    redrawn = (
+        "() => [...document.querySelectorAll('.js-plotly-plot')].some(p => ((p.data || [])[0]?.x?.length || 0) >= 3)"
+    )
     try:
         page.wait_for_function(redrawn, timeout=60_000)  # charts redrawn with the third method
     except Exception:
-        panel = page.evaluate("() => [...document.querySelectorAll('.widget-vbox')].filter(v => v.textContent.includes('Compare'))"
-                              ".map(v => v.innerText).pop()")
+        panel = page.evaluate(
+            "() => [...document.querySelectorAll('.widget-vbox')].filter(v => v.textContent.includes('Compare'))"
+            ".map(v => v.innerText).pop()"
+        )
         pytest.fail(f"the charts were not redrawn with quanto-int8; the panel reads:\n{panel}")
     _assert_no_error_outputs(page)
     _assert_every_chart_has_data(page)

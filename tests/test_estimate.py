@@ -7,13 +7,27 @@ import json
 import pytest
 
 from workbench.core.errors import WorkbenchError
-from workbench.run.estimate import GPUS, estimate, format_estimate, to_dict
 from workbench.methods import REGISTRY
+from workbench.run.estimate import GPUS, estimate, format_estimate, to_dict
 from workbench.sources.models import ModelSource
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000, tie_word_embeddings=True)
-LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=1000,
+    tie_word_embeddings=True,
+)
+LLAMA_70B = dict(
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
 
 
 def config_source(tmp_path, label, **config):
@@ -45,7 +59,9 @@ def test_counts_match_a_real_model(tiny):
     model = LlamaForCausalLM(LlamaConfig(**TINY))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     unique = {id(p): p.numel() for p in model.parameters()}
-    linear = sum(m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    linear = sum(
+        m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"
+    )
     est = tiny[1]
     assert est.total_params == sum(unique.values())
     assert est.linear_params == linear
@@ -61,7 +77,12 @@ def test_baselines_and_ordering(tiny, big):
         by_name = rows(est)
         assert by_name["fp32"].weight_bytes == 4 * est.total_params
         assert by_name["fp16"].weight_bytes == by_name["bf16"].weight_bytes == 2 * est.total_params
-        assert by_name["bnb-nf4"].weight_bytes < by_name["bnb-int8"].weight_bytes < by_name["fp16"].weight_bytes < by_name["fp32"].weight_bytes
+        assert (
+            by_name["bnb-nf4"].weight_bytes
+            < by_name["bnb-int8"].weight_bytes
+            < by_name["fp16"].weight_bytes
+            < by_name["fp32"].weight_bytes
+        )
 
 
 def test_quantized_methods_count_scales(big):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from workbench import finetune as ft
-from workbench.sources import data, models
-from workbench.run import results
 from workbench.core.errors import WorkbenchError
+from workbench.run import results
+from workbench.sources import data, models
 
 
 def _small_data(folder: Path, rows: int) -> str:
@@ -38,14 +38,27 @@ def tiny_source(tiny_folder):
 
 # ---------------------------------------------------------------------------- config and data
 
-@pytest.mark.parametrize("changes, field", [
-    ({"r": 0}, "r"), ({"alpha": -1}, "alpha"), ({"dropout": 1.0}, "dropout"), ({"learning_rate": 0}, "learning_rate"),
-    ({"learning_rate": 2e4}, "learning_rate"), ({"max_steps": 1.5}, "max_steps"), ({"batch_size": 0}, "batch_size"),
-    ({"grad_accum": 0}, "grad_accum"), ({"max_seq_len": 4}, "max_seq_len"), ({"target_modules": []}, "target_modules"),
-    ({"prompt_template": "Q: {response} A: {instruction}"}, "prompt_template"), ({"data_path": "/no/such/file.jsonl"}, "data_path"),
-    ({"base": "no-such-method"}, "unknown method"), ({"base": "bnb-nf4:group_size=64"}, "unknown parameter"),
-    ({"base": "torchao-int4"}, "cannot train"),
-])
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"r": 0}, "r"),
+        ({"alpha": -1}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"learning_rate": 2e4}, "learning_rate"),
+        ({"max_steps": 1.5}, "max_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"grad_accum": 0}, "grad_accum"),
+        ({"max_seq_len": 4}, "max_seq_len"),
+        ({"target_modules": []}, "target_modules"),
+        ({"prompt_template": "Q: {response} A: {instruction}"}, "prompt_template"),
+        ({"data_path": "/no/such/file.jsonl"}, "data_path"),
+        ({"base": "no-such-method"}, "unknown method"),
+        ({"base": "bnb-nf4:group_size=64"}, "unknown parameter"),
+        ({"base": "torchao-int4"}, "cannot train"),
+    ],
+)
 def test_bad_config_values_are_refused_with_the_field_named(changes, field):
     with pytest.raises(WorkbenchError, match=field):
         ft.FinetuneConfig(**changes)
@@ -76,7 +89,9 @@ def test_user_jsonl_and_csv_are_read_and_split(tmp_path):
     jsonl = tmp_path / "mine.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     csv_file = tmp_path / "mine.csv"
-    csv_file.write_text("instruction,response\n" + "".join(f'"{r["instruction"]}",{r["response"]}\n' for r in rows), encoding="utf-8")
+    csv_file.write_text(
+        "instruction,response\n" + "".join(f'"{r["instruction"]}",{r["response"]}\n' for r in rows), encoding="utf-8"
+    )
     for path in (jsonl, csv_file):
         train, heldout, prompts = ft.load_rows(str(path))
         assert train == rows[:18] and heldout == rows[18:] and prompts == rows[18:]
@@ -87,9 +102,14 @@ def test_user_jsonl_and_csv_are_read_and_split(tmp_path):
 
 
 def test_only_response_tokens_are_scored(tokenizer):
-    row = {"instruction": "How big is a 7B model in 4-bit?", "response": "About 3.5 GB: 7 billion weights x 4 bits / 8 = 3.5 GB."}
-    for template, prompt_start, answer_end in ((None, "<|im_start|>system", "<|im_end|>\n"),
-                                               (ft.PLAIN_TEMPLATE, "### Instruction:", tokenizer.eos_token)):
+    row = {
+        "instruction": "How big is a 7B model in 4-bit?",
+        "response": "About 3.5 GB: 7 billion weights x 4 bits / 8 = 3.5 GB.",
+    }
+    for template, prompt_start, answer_end in (
+        (None, "<|im_start|>system", "<|im_end|>\n"),
+        (ft.PLAIN_TEMPLATE, "### Instruction:", tokenizer.eos_token),
+    ):
         [example] = ft.encode(tokenizer, template, [row], 128)
         scored = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
         unscored = [t for t, label in zip(example["input_ids"], example["labels"]) if label == -100]
@@ -102,14 +122,22 @@ def test_only_response_tokens_are_scored(tokenizer):
 
 # ---------------------------------------------------------------------------- mechanics (tiny model)
 
+
 def test_training_changes_only_the_adapter_and_stop_ends_it(tiny_source, tokenizer):
     config = ft.FinetuneConfig(max_steps=8, learning_rate=1e-3, max_seq_len=96)
     model = ft.attach_lora(ft.prepare_base(tiny_source, config.base, "cpu"), config)
     assert ft.block_linear_names(model) == ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
     before = {name: t.detach().clone() for name, t in model.state_dict().items()}
     seen = []
-    losses, stopped = ft.train(model, tokenizer, ft.encode(tokenizer, None, ft.load_rows(None)[0][:32], 96), config, "cpu",
-                               on_loss=lambda step, loss: seen.append((step, loss)), should_stop=lambda: len(seen) >= 2)
+    losses, stopped = ft.train(
+        model,
+        tokenizer,
+        ft.encode(tokenizer, None, ft.load_rows(None)[0][:32], 96),
+        config,
+        "cpu",
+        on_loss=lambda step, loss: seen.append((step, loss)),
+        should_stop=lambda: len(seen) >= 2,
+    )
     assert stopped and losses == seen and [step for step, _ in losses] == [1, 2, 3]  # Stop is read after each step
     after = model.state_dict()
     base = [name for name in before if "lora_" not in name]
@@ -122,8 +150,11 @@ def test_training_changes_only_the_adapter_and_stop_ends_it(tiny_source, tokeniz
 
 
 def test_merge_refusals_are_checked_before_any_loading(tmp_path, tiny_source):
-    reasons = {"gptq": "PEFT cannot merge a LoRA adapter into packed int weights", "awq": "into packed int weights",
-               "quanto-int8": "silently drops the adapter"}
+    reasons = {
+        "gptq": "PEFT cannot merge a LoRA adapter into packed int weights",
+        "awq": "into packed int weights",
+        "quanto-int8": "silently drops the adapter",
+    }
     for choice, reason in reasons.items():
         folder = tmp_path / choice
         folder.mkdir()
@@ -135,15 +166,22 @@ def test_merge_refusals_are_checked_before_any_loading(tmp_path, tiny_source):
 
 def test_tiny_pipeline_reloads_merges_and_deploys(tmp_path, tiny_source, tiny_session, monkeypatch):
     monkeypatch.chdir(tmp_path)  # gptqmodel writes a logs/ folder into the working directory
-    config = ft.FinetuneConfig(max_steps=2, max_seq_len=96, max_new_tokens=4, output_dir=str(tmp_path / "run"),
-                               data_path=_small_data(tmp_path / "data", rows=40))
+    config = ft.FinetuneConfig(
+        max_steps=2,
+        max_seq_len=96,
+        max_new_tokens=4,
+        output_dir=str(tmp_path / "run"),
+        data_path=_small_data(tmp_path / "data", rows=40),
+    )
     run = ft.finetune(tiny_source, config, log=lambda _: None)
     report = run.report
     assert [step for step, _ in report.losses] == [1, 2] and report.steps == 2 and not report.stopped_early
     assert len(report.generations_before) == len(report.generations_after) == len(report.prompts) == 4
     assert math.isclose(report.heldout_ppl_after, math.exp(report.heldout_loss_after))
     assert Path(report.adapter_dir, "adapter_model.safetensors").is_file()
-    _, loss = ft.reload_adapter(tiny_source, report.adapter_dir, expected_loss=report.heldout_loss_after, log=lambda _: None)
+    _, loss = ft.reload_adapter(
+        tiny_source, report.adapter_dir, expected_loss=report.heldout_loss_after, log=lambda _: None
+    )
     assert loss == pytest.approx(report.heldout_loss_after, rel=ft.RELOAD_RTOL)
     merge = ft.merge_to_dequantized(tiny_source, report.adapter_dir, trained=run.model, log=lambda _: None)
     assert merge.merged_loss == pytest.approx(merge.unmerged_loss, rel=ft.MERGE_RTOL)

@@ -47,7 +47,9 @@ def test_smoothing_is_a_bias_corrected_moving_average():
 
 def test_train_shows_states_live_curve_before_after_and_saves_the_adapter(model, tmp_path):
     panel = FineTunePanel(model, SHORT, out_dir=str(tmp_path))
-    assert panel.base.value == "bnb-nf4" and "torchao-int4" not in panel.base.options  # untrainable bases are not offered
+    assert (
+        panel.base.value == "bnb-nf4" and "torchao-int4" not in panel.base.options
+    )  # untrainable bases are not offered
     panel.steps.value, panel.r.value, panel.alpha.value = 3, 4, 8
     panel.button.click()
     assert panel.job.wait(300) == "done", panel.job.error
@@ -64,7 +66,11 @@ def test_train_shows_states_live_curve_before_after_and_saves_the_adapter(model,
     assert "before" in panel.generations.value and report.prompts[0][:20] in panel.generations.value
     assert "3 steps" in panel.live.value and "peak memory" in panel.live.value
     assert panel.job.state is JobState.DONE and panel.trained.model is not None and not panel.button.disabled
-    assert (panel.trained.base, panel.trained.device, panel.trained.adapter_dir) == ("bnb-nf4", "cpu", panel.adapter_dir)
+    assert (panel.trained.base, panel.trained.device, panel.trained.adapter_dir) == (
+        "bnb-nf4",
+        "cpu",
+        panel.adapter_dir,
+    )
 
 
 def test_stop_ends_training_early_as_cancelled(model, tmp_path):

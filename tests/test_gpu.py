@@ -6,16 +6,18 @@ import math
 
 import pytest
 
-from workbench.run import runner
 from workbench.core.config import EvalConfig, ModelSpec
+from workbench.run import runner
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def gpu_session(tiny_folder):
-    return runner.Session.open(ModelSpec(str(tiny_folder), device="cuda"),
-                               EvalConfig(max_length=128, stride=128, max_tokens=512, decode_tokens=8))
+    return runner.Session.open(
+        ModelSpec(str(tiny_folder), device="cuda"),
+        EvalConfig(max_length=128, stride=128, max_tokens=512, decode_tokens=8),
+    )
 
 
 @pytest.mark.parametrize("name", ["fp16", "bf16", "bnb-nf4", "bnb-int8", "torchao-int4", "gptq"])

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from workbench.core import files
-from workbench.sources import models
-from workbench.run import results, runner
 from workbench.cli import main
+from workbench.core import files
 from workbench.core.config import EvalConfig
 from workbench.core.errors import WorkbenchError
+from workbench.run import results, runner
+from workbench.sources import models
 
 FAST = ["--max-length", "64", "--max-tokens", "64", "--decode-tokens", "0", "--in-process"]
 TESTS = Path(__file__).resolve().parent
@@ -46,8 +46,11 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every file under `folder` (relative path -> sha256); {} when the folder does not exist."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_one_error_line(err: str, message: str) -> None:
@@ -68,6 +71,7 @@ def assert_history_extended(before: bytes, after_path: Path) -> list[results.Res
 
 
 # ---------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="session")
 def finished_out(tmp_path_factory, tiny_folder):
@@ -161,6 +165,7 @@ def full_disk(folder: Path, size_kb: int = 2048, leave_kb: int = 0):
 
 # ---------------------------------------------------------------------------- the table
 
+
 def _gguf_cache_damaged(c: Case) -> list:
     """A .gguf whose converted copy in the cache has a weight file cut short."""
     gguf = c.file("model.gguf", b"GGUF" + b"\0" * 60)
@@ -242,7 +247,11 @@ CASES = [
     ("eval text not UTF-8", lambda c: ["--eval-text", c.file("b.txt", b"\xff\xfe\x00\x80")], "not UTF-8"),
     ("eval text too short", lambda c: ["--eval-text", c.file("s.txt", b"Too short.")], "at least 32"),
     ("all of a 50 MB eval text", lambda c: ["--eval-text", _big_text(c), "--max-tokens", "0"], "--allow-long-eval"),
-    ("2M tokens of an eval text", lambda c: ["--eval-text", _big_text(c), "--max-tokens", "2000000"], "--allow-long-eval"),
+    (
+        "2M tokens of an eval text",
+        lambda c: ["--eval-text", _big_text(c), "--max-tokens", "2000000"],
+        "--allow-long-eval",
+    ),
 ]
 
 
@@ -272,13 +281,17 @@ def test_refused_with_one_error_line_and_nothing_touched(capsys, case, argv, mes
     assert not list((case.tmp / "cache").glob("*.partial"))
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda c: c.model_copy(config_text="{not json"), "not valid JSON"),
-    (lambda c: c.model_copy(hidden_size="big"), "hidden_size"),
-    (lambda c: c.model_copy(num_attention_heads=3), "not a multiple of the number of attention heads"),
-    (lambda c: c.model_copy(intermediate_size=-1), "cannot build the model"),
-    (lambda c: c.file("empty.gguf", b""), "the file is empty"),
-], ids=["not JSON", "wrong type", "inconsistent values", "negative size", "empty gguf"])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda c: c.model_copy(config_text="{not json"), "not valid JSON"),
+        (lambda c: c.model_copy(hidden_size="big"), "hidden_size"),
+        (lambda c: c.model_copy(num_attention_heads=3), "not a multiple of the number of attention heads"),
+        (lambda c: c.model_copy(intermediate_size=-1), "cannot build the model"),
+        (lambda c: c.file("empty.gguf", b""), "the file is empty"),
+    ],
+    ids=["not JSON", "wrong type", "inconsistent values", "negative size", "empty gguf"],
+)
 def test_estimate_refuses_broken_models_with_one_line(capsys, case, make, message):
     code, out, err = run(capsys, "estimate", "--model", make(case))
     assert code == 2 and out == ""
@@ -292,6 +305,7 @@ def test_a_refused_run_creates_no_output_folder(capsys, case):
 
 
 # ---------------------------------------------------------------------------- history keyed by content
+
 
 def _same_model_other_weights(tiny: Path, folder: Path) -> Path:
     from safetensors.torch import load_file, save_file
@@ -352,13 +366,17 @@ def test_eval_text_and_decode_tokens_are_part_of_the_key(case):
     source = models.resolve(str(case.tiny))
     keys = set()
     for text, decode in ((a, 0), (b, 0), (a, 8)):
-        session = runner.Session.from_source(source, "cpu", EvalConfig(max_length=64, stride=64, max_tokens=64,
-                                                                         text_path=str(text / "eval.txt"), decode_tokens=decode))
+        session = runner.Session.from_source(
+            source,
+            "cpu",
+            EvalConfig(max_length=64, stride=64, max_tokens=64, text_path=str(text / "eval.txt"), decode_tokens=decode),
+        )
         keys.add(runner.planned_key(session, runner.as_choice("fp32")))
     assert len(keys) == 3
 
 
 # ---------------------------------------------------------------------------- history that cannot break
+
 
 def test_damaged_history_lines_are_skipped_named_and_kept(capsys, case):
     history = case.out / "history.jsonl"
@@ -366,7 +384,9 @@ def test_damaged_history_lines_are_skipped_named_and_kept(capsys, case):
     older = json.dumps({**json.loads(good), "schema": 1})
     damaged = ("\ufeff" + good + "\n" + "garbage, not json\n" + older + "\n" + good[: len(good) // 2]).encode("utf-8")
     history.write_bytes(damaged)  # the last line was cut short by a crash: no newline
-    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", "fp32,bnb-int8", "--out", case.out, *FAST)
+    code, table, err = run(
+        capsys, "compare", "--model", case.tiny, "--methods", "fp32,bnb-int8", "--out", case.out, *FAST
+    )
     assert code == 0 and "reused from" in table  # the first (BOM) line is still a usable record
     assert "skipped 3 line(s)" in err and "line 2, 3, 4" in err
     after = history.read_bytes()
@@ -375,13 +395,25 @@ def test_damaged_history_lines_are_skipped_named_and_kept(capsys, case):
     assert len(lines) == 5 and json.loads(lines[-1])["method"] == "bnb-int8"  # on its own line, whole
 
 
-@pytest.mark.parametrize("change", [{"ppl": "abc"}, {"ppl": float("nan")}, {"ppl": 0.5}, {"weight_bytes": -5},
-                                    {"bits": True}, {"method": None}, {"params": "group_size=64"}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ppl": "abc"},
+        {"ppl": float("nan")},
+        {"ppl": 0.5},
+        {"weight_bytes": -5},
+        {"bits": True},
+        {"method": None},
+        {"params": "group_size=64"},
+    ],
+)
 def test_a_record_with_impossible_values_is_skipped_not_reused(capsys, case, change):
     history = case.out / "history.jsonl"
     good = json.loads(history.read_text(encoding="utf-8").splitlines()[0])
     history.write_text(json.dumps({**good, **change}) + "\n", encoding="utf-8")  # json writes NaN as a bare NaN
-    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", good["method"], "--out", case.out, *FAST)
+    code, table, err = run(
+        capsys, "compare", "--model", case.tiny, "--methods", good["method"], "--out", case.out, *FAST
+    )
     assert code == 0 and "skipped 1 line(s)" in err and "line 1" in err
     assert "reused from" not in table  # measured again, not taken from the damaged record
 
@@ -389,23 +421,37 @@ def test_a_record_with_impossible_values_is_skipped_not_reused(capsys, case, cha
 def test_nothing_succeeded_keeps_the_results_files_and_extends_history(capsys, case):
     before = snapshot(case.out)
     history = (case.out / "history.jsonl").read_bytes()
-    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", "torchao-int4", "--out", case.out, *FAST)
+    code, table, err = run(
+        capsys, "compare", "--model", case.tiny, "--methods", "torchao-int4", "--out", case.out, *FAST
+    )
     assert code == 1 and "left as they were" in table
     after = snapshot(case.out)
-    assert {k: v for k, v in after.items() if k != "history.jsonl"} == {k: v for k, v in before.items() if k != "history.jsonl"}
+    assert {k: v for k, v in after.items() if k != "history.jsonl"} == {
+        k: v for k, v in before.items() if k != "history.jsonl"
+    }
     (row,) = assert_history_extended(history, case.out / "history.jsonl")[1:]
     assert "cuda only" in row.error
 
 
 def test_duplicate_choices_are_measured_once(capsys, case):
     out = case.tmp / "o"
-    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", "fp32,fp32,bnb-int8:threshold=6.0,bnb-int8",
-                           "--out", out, *FAST)
+    code, table, err = run(
+        capsys,
+        "compare",
+        "--model",
+        case.tiny,
+        "--methods",
+        "fp32,fp32,bnb-int8:threshold=6.0,bnb-int8",
+        "--out",
+        out,
+        *FAST,
+    )
     assert code == 0 and err.count("named twice") == 2
     assert [r.method for r in results.read_history(out / "history.jsonl")] == ["fp32", "bnb-int8"]
 
 
 # ---------------------------------------------------------------------------- writes that cannot half-happen
+
 
 def test_atomic_writes_leave_the_old_file_whole(tmp_path):
     target = tmp_path / "results.json"
@@ -425,7 +471,10 @@ def test_a_full_disk_is_one_clear_error_and_the_old_files_stay_whole(tmp_path):
         target.write_text("old report", encoding="utf-8")
         with pytest.raises(WorkbenchError, match="the disk is full"):
             files.write_text(target, "x" * 2**20)
-        assert target.read_text() == "old report" and sorted(p.name for p in disk.iterdir()) == ["filler", "report.html"]
+        assert target.read_text() == "old report" and sorted(p.name for p in disk.iterdir()) == [
+            "filler",
+            "report.html",
+        ]
         history = disk / "history.jsonl"
         history.write_text('{"a": 1}\n', encoding="utf-8")
         with pytest.raises(WorkbenchError, match="the disk is full"):
@@ -437,6 +486,7 @@ def test_a_full_disk_is_one_clear_error_and_the_old_files_stay_whole(tmp_path):
 
 # ---------------------------------------------------------------------------- conversions
 
+
 def _write_tiny_gguf(path: Path) -> Path:
     """A 1-block Llama GGUF (f32 tensors) with the bundled model's tokenizer: converts in seconds."""
     import numpy as np
@@ -445,11 +495,21 @@ def _write_tiny_gguf(path: Path) -> Path:
     source = GGUFReader(models.bundled_gguf())
     writer = GGUFWriter(str(path), "llama")
     hidden, ff, heads, kv_heads = 64, 128, 4, 2
-    sizes = {"llama.block_count": 1, "llama.embedding_length": hidden, "llama.feed_forward_length": ff,
-             "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
-             "llama.rope.dimension_count": hidden // heads, "llama.context_length": 1024}
+    sizes = {
+        "llama.block_count": 1,
+        "llama.embedding_length": hidden,
+        "llama.feed_forward_length": ff,
+        "llama.attention.head_count": heads,
+        "llama.attention.head_count_kv": kv_heads,
+        "llama.rope.dimension_count": hidden // heads,
+        "llama.context_length": 1024,
+    }
     for key, entry in source.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.quantization_version"):
+        if key.startswith("GGUF.") or key in (
+            "general.architecture",
+            "general.file_type",
+            "general.quantization_version",
+        ):
             continue
         sub_type = entry.types[1] if entry.types[0] == GGUFValueType.ARRAY else None
         writer.add_key_value(key, sizes.get(key, entry.contents()), entry.types[0], sub_type=sub_type)
@@ -458,9 +518,15 @@ def _write_tiny_gguf(path: Path) -> Path:
     writer.add_tensor("token_embd.weight", weight(int(source.fields["llama.vocab_size"].contents()), hidden))
     writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
     kv = kv_heads * hidden // heads
-    for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
-                        ("attn_output", (hidden, hidden)), ("ffn_gate", (ff, hidden)), ("ffn_up", (ff, hidden)),
-                        ("ffn_down", (hidden, ff))):
+    for name, shape in (
+        ("attn_q", (hidden, hidden)),
+        ("attn_k", (kv, hidden)),
+        ("attn_v", (kv, hidden)),
+        ("attn_output", (hidden, hidden)),
+        ("ffn_gate", (ff, hidden)),
+        ("ffn_up", (ff, hidden)),
+        ("ffn_down", (hidden, ff)),
+    ):
         writer.add_tensor(f"blk.0.{name}.weight", weight(*shape))
     for name in ("attn_norm", "ffn_norm"):
         writer.add_tensor(f"blk.0.{name}.weight", np.ones(hidden, np.float32))
@@ -492,6 +558,7 @@ def test_two_first_time_conversions_of_one_gguf_take_turns(case):
 
 # ---------------------------------------------------------------------------- fine-tuning
 
+
 def test_finetune_data_folder_without_train_jsonl_is_refused(tmp_path):
     from workbench import finetune as ft
 
@@ -511,22 +578,36 @@ def test_finetune_output_folder_that_cannot_be_written_is_refused_before_trainin
     with read_only(locked):
         config = ft.FinetuneConfig(base="fp32", max_steps=1, output_dir=str(locked / "run"), max_new_tokens=0)
         with pytest.raises(WorkbenchError, match="cannot write there") as refused:
-            ft.finetune(models.resolve(str(tiny_folder)), config, on_loss=lambda step, loss: steps.append(step), log=lambda m: None)
+            ft.finetune(
+                models.resolve(str(tiny_folder)),
+                config,
+                on_loss=lambda step, loss: steps.append(step),
+                log=lambda m: None,
+            )
     assert steps == [] and "\n" not in str(refused.value)  # no training step ran
     assert list(locked.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------- interrupted runs and stray files
 
+
 def _cli(tmp_path: Path, argv: list) -> subprocess.Popen:
     """The CLI in its own process, its temporary folder and working directory inside `tmp_path`."""
     (tmp_path / "tmp").mkdir()
     (tmp_path / "cwd").mkdir()
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import custom_method; from workbench.cli import main; "
-              "sys.exit(main(sys.argv[2:]))")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import custom_method; from workbench.cli import main; "
+        "sys.exit(main(sys.argv[2:]))"
+    )
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", script, str(TESTS), *map(str, argv)], cwd=tmp_path / "cwd", env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(TESTS), *map(str, argv)],
+        cwd=tmp_path / "cwd",
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(condition, seconds: float = 240) -> None:
@@ -540,11 +621,14 @@ def _workdirs(tmp: Path) -> list[Path]:
     return [p for p in tmp.rglob("workbench-*") if p.is_dir()]
 
 
-@pytest.mark.parametrize("sig,mode,status,word", [
-    (signal.SIGINT, ["--in-process"], 130, "interrupted"),
-    (signal.SIGTERM, [], 143, "terminated"),
-], ids=["ctrl-c in-process", "sigterm with workers"])
-def test_a_stopped_run_keeps_what_finished_and_removes_its_temporary_folders(tmp_path, tiny_folder, sig, mode, status, word):
+@pytest.mark.parametrize(
+    "sig,mode,status,word",
+    [(signal.SIGINT, ["--in-process"], 130, "interrupted"), (signal.SIGTERM, [], 143, "terminated")],
+    ids=["ctrl-c in-process", "sigterm with workers"],
+)
+def test_a_stopped_run_keeps_what_finished_and_removes_its_temporary_folders(
+    tmp_path, tiny_folder, sig, mode, status, word
+):
     out = tmp_path / "out"
     argv = ["compare", "--model", tiny_folder, "--methods", "fp32,test-hang", "--out", out, *FAST[:-1], *mode]
     cli = _cli(tmp_path, argv)
@@ -569,7 +653,9 @@ def test_a_temporary_folder_too_deep_for_the_fork_servers_socket_still_runs_work
     deep.mkdir(parents=True)
     env = {**os.environ, "TMPDIR": str(deep), "HF_HUB_OFFLINE": "1"}
     argv = ["compare", "--model", tiny_folder, "--methods", "fp32", "--out", tmp_path / "out", *FAST[:-1]]
-    done = subprocess.run([sys.executable, "-m", "workbench", *map(str, argv)], env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-m", "workbench", *map(str, argv)], env=env, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr
     (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
     assert row["error"] is None and row["mode"] == "worker"

@@ -118,8 +118,14 @@ def circles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_every_module_belongs_to_a_layer_or_is_an_alias():
     """A module at the top of the package is an entry point or an old name kept as an alias."""
-    lost = [m for m, p in MODULES.items() if layer_of(m) is None and m != "workbench"
-            and m.split(".")[1] not in ALIASES and "moved_to(" not in p.read_text(encoding="utf-8")]
+    lost = [
+        m
+        for m, p in MODULES.items()
+        if layer_of(m) is None
+        and m != "workbench"
+        and m.split(".")[1] not in ALIASES
+        and "moved_to(" not in p.read_text(encoding="utf-8")
+    ]
     assert lost == []
 
 
@@ -131,9 +137,14 @@ def test_no_import_circles():
     assert circles(graph()) == []
 
 
-@pytest.mark.parametrize("source, target", [("workbench.core.quiet", "workbench.run.workers"),
-                                            ("workbench.metrics.sensitivity", "workbench.methods.registry"),
-                                            ("workbench.cli", "workbench.panels")])
+@pytest.mark.parametrize(
+    "source, target",
+    [
+        ("workbench.core.quiet", "workbench.run.workers"),
+        ("workbench.metrics.sensitivity", "workbench.methods.registry"),
+        ("workbench.cli", "workbench.panels"),
+    ],
+)
 def test_the_check_fails_on_an_import_that_runs_up(source, target):
     edges = graph()
     edges[source] = edges[source] | {target}

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from workbench.metrics import memory, perplexity, speed
-from workbench.sources import models
 from workbench.metrics.memory import PeakMemory
+from workbench.sources import models
 
 
 @pytest.mark.parametrize("bos", [True, False])
-@pytest.mark.parametrize("n,max_length,stride", [(10, 4, 4), (10, 4, 1), (100, 16, 7), (5, 8, 8), (513, 512, 512), (64, 16, 16)])
+@pytest.mark.parametrize(
+    "n,max_length,stride", [(10, 4, 4), (10, 4, 1), (100, 16, 7), (5, 8, 8), (513, 512, 512), (64, 16, 16)]
+)
 def test_windows_score_every_token_exactly_once(n, max_length, stride, bos):
     spans, step = perplexity.windows(n, max_length, stride, bos)
     scored = [t for begin, end, first in spans for t in range(first, end)]
@@ -136,8 +138,15 @@ def test_nll_sum_is_the_shifted_cross_entropy_over_labelled_tokens():
 
 def _small(cls, config_cls, vocab=300, **extra):
     torch.manual_seed(0)
-    config = config_cls(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, **extra)
+    config = config_cls(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **extra,
+    )
     return cls(config).eval()
 
 
@@ -153,7 +162,9 @@ def test_chunked_scoring_equals_scoring_the_full_logits(monkeypatch):
     ids = torch.randint(0, 300, (3, 40))
     labels = ids.clone()
     labels[0, :5] = labels[2, 30:] = -100
-    monkeypatch.setattr(perplexity, "LOGITS_CHUNK_ELEMENTS", 300 * 7)  # 7 positions a chunk: many chunks, a ragged last one
+    monkeypatch.setattr(
+        perplexity, "LOGITS_CHUNK_ELEMENTS", 300 * 7
+    )  # 7 positions a chunk: many chunks, a ragged last one
     with torch.no_grad():
         chunked = perplexity.model_nll_sum(model, ids, labels)
     full = _full_logits_nll(model, ids, labels)
@@ -214,15 +225,21 @@ def test_a_process_started_by_a_big_parent_does_not_report_the_parents_peak():
     """getrusage's ru_maxrss of a spawned worker starts at the parent's size on Linux; the
     workbench reads the worker's own high-water mark instead."""
     held = _touched(600)
-    child = subprocess.run([sys.executable, "-c", "from workbench.metrics.memory import peak_rss_bytes; print(peak_rss_bytes())"],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "from workbench.metrics.memory import peak_rss_bytes; print(peak_rss_bytes())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert len(held) == 600 * MB
     assert int(child.stdout) < 300 * MB
 
 
 def test_peak_memory_counts_the_block_not_what_came_before():
     if not memory.reset_peak_rss():
-        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs): the peak is sampled")
+        pytest.skip(
+            "this kernel does not let a process reset its peak RSS (/proc/self/clear_refs): the peak is sampled"
+        )
     earlier = _touched(400)
     del earlier  # the process's peak is now 400 MB higher than what it holds
     with PeakMemory("cpu") as peak:

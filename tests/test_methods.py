@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from workbench.metrics import perplexity
 from workbench import methods
-from workbench.run import runner
 from workbench.core.errors import WorkbenchError
 from workbench.methods import QuantizeRequest
+from workbench.metrics import perplexity
+from workbench.run import runner
 
 CPU_METHODS = [m.name for m, reason in methods.available("cpu") if reason is None]
 GPU_ONLY = [m.name for m in methods.REGISTRY.values() if "cpu" not in m.devices]
@@ -42,14 +42,17 @@ def test_all_cpu_capable_methods_are_available_here():
     assert not missing
 
 
-@pytest.mark.parametrize("choice,message", [
-    ("gptq:bits=5", "bits=5 is not supported; choose one of 2, 3, 4, 8"),
-    ("nope", "unknown method 'nope'"),
-    ("hqq:size=3", "unknown parameter(s) size"),
-    ("bnb-nf4:double_quant=maybe", "double_quant='maybe' is not a bool"),
-    ("gptq:bits", "parameters are written name:key=value"),
-    ("gptq:group_size=abc", "group_size='abc' is not a int"),
-])
+@pytest.mark.parametrize(
+    "choice,message",
+    [
+        ("gptq:bits=5", "bits=5 is not supported; choose one of 2, 3, 4, 8"),
+        ("nope", "unknown method 'nope'"),
+        ("hqq:size=3", "unknown parameter(s) size"),
+        ("bnb-nf4:double_quant=maybe", "double_quant='maybe' is not a bool"),
+        ("gptq:bits", "parameters are written name:key=value"),
+        ("gptq:group_size=abc", "group_size='abc' is not a int"),
+    ],
+)
 def test_bad_choices_say_what_to_do(choice, message):
     with pytest.raises(WorkbenchError) as err:
         methods.parse_choice(choice)
@@ -86,8 +89,14 @@ def test_method_quantizes_measures_and_reloads(name, tiny_session, tmp_path):
     assert result.protocol["n_tokens"] == len(tiny_session.eval_ids) - 1
 
     # The shipped path: save, reload, same numbers.
-    request = QuantizeRequest(tiny_session.source, params, "cpu", tmp_path / "work",
-                              _calibration(method, params, tiny_session), log=lambda m: None)
+    request = QuantizeRequest(
+        tiny_session.source,
+        params,
+        "cpu",
+        tmp_path / "work",
+        _calibration(method, params, tiny_session),
+        log=lambda m: None,
+    )
     request.workdir.mkdir()
     model = method.quantize(request)
     before = _ppl(model, tiny_session)
@@ -114,9 +123,25 @@ def test_gptqmodel_methods_run_on_a_one_core_machine(tiny_folder, tmp_path):
     import subprocess
     import sys
 
-    script = ("import os, sys; os.cpu_count = lambda: 1; os.environ.pop('GPTQMODEL_CPU_WORKERS', None); "
-              "from workbench.cli import main; sys.exit(main(sys.argv[1:]))")
-    argv = ["compare", "--model", tiny_folder, "--methods", "rtn", "--out", tmp_path / "out", "--max-length", "64",
-            "--max-tokens", "64", "--decode-tokens", "0", "--in-process"]
+    script = (
+        "import os, sys; os.cpu_count = lambda: 1; os.environ.pop('GPTQMODEL_CPU_WORKERS', None); "
+        "from workbench.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = [
+        "compare",
+        "--model",
+        tiny_folder,
+        "--methods",
+        "rtn",
+        "--out",
+        tmp_path / "out",
+        "--max-length",
+        "64",
+        "--max-tokens",
+        "64",
+        "--decode-tokens",
+        "0",
+        "--in-process",
+    ]
     done = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -4,26 +4,32 @@ real gptqmodel backend (tiny Llama), and the effect on the real model."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from workbench.sources import data, models
-from workbench.metrics import perplexity, sensitivity
 from workbench import methods
-from workbench.methods.mixed import planner as mixed
-from workbench.run import results, runner
 from workbench.core.errors import WorkbenchError
-from workbench.methods.mixed import PLAN_FILE, dynamic_overrides, parse_widths, stored_bits
-from workbench.run import maps
 from workbench.methods import gptq
+from workbench.methods.mixed import PLAN_FILE, dynamic_overrides, parse_widths, stored_bits
+from workbench.methods.mixed import planner as mixed
+from workbench.metrics import perplexity, sensitivity
+from workbench.run import maps, results, runner
+from workbench.sources import data, models
 
 
 def block_map(kls: list[float], weights: int = 1000) -> sensitivity.SensitivityMap:
     """A per-block map with the given KL per block (values as `sensitivity.compute` writes them)."""
-    cells = tuple(sensitivity.Cell(b, "block", (f"model.layers.{b}.mlp.up_proj", f"model.layers.{b}.mlp.down_proj"), weights, kl, kl)
-                  for b, kl in enumerate(kls))
+    cells = tuple(
+        sensitivity.Cell(
+            b, "block", (f"model.layers.{b}.mlp.up_proj", f"model.layers.{b}.mlp.down_proj"), weights, kl, kl
+        )
+        for b, kl in enumerate(kls)
+    )
     return sensitivity.SensitivityMap("m", "fp", "rtn:bits=3", "t", "sha", 64, "block", cells, 0.1, 0.2)
 
 
@@ -38,10 +44,12 @@ def test_plan_gives_the_most_sensitive_blocks_more_bits_within_the_budget():
     control = mixed.against_map(chosen)
     assert control.bits == (4, 3, 3, 3, 4, 3) and control.stored_bits == chosen.stored_bits
     assert chosen.layer_bits()["model.layers.1.mlp.down_proj"] == 4
-    assert dynamic_overrides(chosen) == {r"+:^model\.layers\.1\.mlp\.up_proj$": {"bits": 4},
-                                         r"+:^model\.layers\.1\.mlp\.down_proj$": {"bits": 4},
-                                         r"+:^model\.layers\.3\.mlp\.up_proj$": {"bits": 4},
-                                         r"+:^model\.layers\.3\.mlp\.down_proj$": {"bits": 4}}
+    assert dynamic_overrides(chosen) == {
+        r"+:^model\.layers\.1\.mlp\.up_proj$": {"bits": 4},
+        r"+:^model\.layers\.1\.mlp\.down_proj$": {"bits": 4},
+        r"+:^model\.layers\.3\.mlp\.up_proj$": {"bits": 4},
+        r"+:^model\.layers\.3\.mlp\.down_proj$": {"bits": 4},
+    }
     assert "4-bit: 1, 3" in chosen.summary()
 
 
@@ -114,6 +122,44 @@ def fake_quantized_ppl(model, originals: dict, plan: mixed.Plan, ids) -> float:
     return perplexity.perplexity(model, ids, 512, 512, batch_size=2).ppl
 
 
+def test_mixed_runs_from_the_command_line_on_a_one_core_machine(tiny_folder, tmp_path):
+    """gptqmodel refuses a CPU pool of one worker; `mixed` asks for at least two, as `gptq` does.
+    In a fresh process (gptqmodel reads the setting when it starts its pool) whose
+    `os.cpu_count()` says 1, with nothing set by the environment."""
+    script = "import os, sys; os.cpu_count = lambda: 1; from workbench.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if k != "GPTQMODEL_CPU_WORKERS"}
+    env["WORKBENCH_CACHE"] = str(tmp_path / "cache")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "compare",
+            "--model",
+            str(tiny_folder),
+            "--methods",
+            "mixed:budget_bits=5:map_tokens=64",
+            "--in-process",
+            "--max-length",
+            "128",
+            "--max-tokens",
+            "256",
+            "--decode-tokens",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert rows["mixed"]["error"] is None and rows["mixed"]["ppl"] > 1
+
+
 def test_map_guided_mix_beats_uniform_3_bit_and_the_mix_against_the_map(bundled_source):
     """The effect on SmolLM2 at ~3.33 bits (10 of 30 blocks at 4 bits), with the RTN arithmetic
     the real backend uses (`rtn_dequantized` equals gptqmodel's checkpoint, see test_sensitivity);
@@ -128,7 +174,9 @@ def test_map_guided_mix_beats_uniform_3_bit_and_the_mix_against_the_map(bundled_
     originals = {name: m.weight.data.clone() for name, m in models.block_linears(model)}
     ids = data.eval_tokens(models.load_tokenizer(bundled_source), data.builtin_eval_text(), 1024)
     with torch.inference_mode():
-        ppl = {name: fake_quantized_ppl(model, originals, p, ids)
-               for name, p in (("guided", guided), ("control", control), ("uniform3", uniform))}
+        ppl = {
+            name: fake_quantized_ppl(model, originals, p, ids)
+            for name, p in (("guided", guided), ("control", control), ("uniform3", uniform))
+        }
     print(ppl)
     assert ppl["guided"] < ppl["uniform3"] and ppl["guided"] < ppl["control"]

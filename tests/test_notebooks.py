@@ -23,5 +23,6 @@ def test_notebook_is_clean_and_colab_ready(path):
     assert "colab-badge.svg" in "".join(cells[0]["source"])
     assert '"google.colab" in sys.modules' in code[0] and "%pip" in code[0]  # installs only on Colab
     assert "os.environ.get(" in code[1]  # parameters overridable by environment variables
-    assert not any(line.lstrip().startswith(("def ", "class ")) for cell in code for line in cell.splitlines()), \
+    assert not any(line.lstrip().startswith(("def ", "class ")) for cell in code for line in cell.splitlines()), (
         "reusable code belongs in the package, not in a notebook"
+    )

@@ -116,7 +116,9 @@ def test_compare_panel_table_charts_history_and_export(model, tmp_path):
     exported = json.loads(panel.export("json").read_text())
     assert [r["method"] for r in exported] == ["fp32", "bnb-nf4", "quanto-int8"]
     assert panel.export("csv").read_text().count("\n") == 4
-    everything = _log_text(panel.job) + panel.table.value + (tmp_path / "history.jsonl").read_text() + json.dumps(exported)
+    everything = (
+        _log_text(panel.job) + panel.table.value + (tmp_path / "history.jsonl").read_text() + json.dumps(exported)
+    )
     assert SECRET not in everything
 
 
@@ -162,6 +164,7 @@ def test_compare_panel_draws_its_charts_into_the_panel(model, tmp_path):
 
 
 # ---------------------------------------------------------------------------- panels that respond
+
 
 @pytest.fixture
 def misbehaving():
@@ -248,5 +251,7 @@ def test_the_log_keeps_its_newest_lines_in_view():
     log = LogView()
     for i in range(LogView.MAX_LINES + 10):
         log.write(f"line {i}")
-    assert log.text.splitlines()[-1] == f"line {LogView.MAX_LINES + 9}" and len(log.text.splitlines()) == LogView.MAX_LINES
+    assert (
+        log.text.splitlines()[-1] == f"line {LogView.MAX_LINES + 9}" and len(log.text.splitlines()) == LogView.MAX_LINES
+    )
     assert "flex-direction:column-reverse" in log.widget.value  # the box shows its end

@@ -24,8 +24,14 @@ def test_the_panels_pass_on_ipywidgets_7_7_1():
         pytest.skip("ipywidgets 7.7.1 is not in .widgets7: `make test` installs it there")
     env = {**os.environ, "PYTHONPATH": str(WIDGETS7), "WORKBENCH_EXPECT_IPYWIDGETS": "7.7.1"}
     env = {name: value for name, value in env.items() if not name.startswith("PYTEST_")}  # a pytest of its own
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PANEL_TESTS],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PANEL_TESTS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in summary and "failed" not in summary, summary

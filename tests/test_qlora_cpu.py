@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from workbench import finetune as ft
-from workbench.sources import models
 from workbench.methods.bnb_training import cpu_repacking_guarded, prepare_for_training
+from workbench.sources import models
 
 
 def _layer():
@@ -71,7 +71,11 @@ def test_prepared_4bit_layer_passes_the_right_input_gradient_after_eval(packed_b
     assert cpu_repacking_guarded(model)
     unpacked = _dequantized(model)
     # Packing stores the block scales in bf16, so unpacking restores them only to bf16 precision.
-    assert torch.equal(unpacked, weight) if not packed_before_preparing else torch.allclose(unpacked, weight, rtol=1e-2, atol=1e-3)
+    assert (
+        torch.equal(unpacked, weight)
+        if not packed_before_preparing
+        else torch.allclose(unpacked, weight, rtol=1e-2, atol=1e-3)
+    )
     grad = _input_grad_after_an_eval_pass(model, x)
     assert cpu_repacking_guarded(model)
     assert grad is not None and torch.allclose(grad, _reference_grad(unpacked, x), rtol=1e-4, atol=1e-4)
@@ -107,6 +111,7 @@ def test_prepared_nf4_base_of_the_tiny_model_stays_guarded_through_eval(tiny_fol
 
 # ---------------------------------------------------------------------------- effects (real model)
 
+
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> str:
     """The bundled training set with 16 held-out examples and 2 fixed prompts (test speed)."""
@@ -119,8 +124,15 @@ def small_data(tmp_path_factory) -> str:
 
 
 def _run(source, folder: Path, base: str, data_path: str, max_new_tokens: int):
-    config = ft.FinetuneConfig(base=base, max_steps=8, batch_size=4, max_seq_len=96, max_new_tokens=max_new_tokens,
-                               output_dir=str(folder), data_path=data_path)
+    config = ft.FinetuneConfig(
+        base=base,
+        max_steps=8,
+        batch_size=4,
+        max_seq_len=96,
+        max_new_tokens=max_new_tokens,
+        output_dir=str(folder),
+        data_path=data_path,
+    )
     return ft.finetune(source, config, log=print)
 
 
@@ -139,10 +151,15 @@ def reloaded(bundled_source, real_run):
 def test_qlora_learns_at_least_half_as_much_as_lora_on_fp32(bundled_source, small_data, real_run, tmp_path):
     lora = _run(bundled_source, tmp_path / "lora", "fp32", small_data, max_new_tokens=0).report
     qlora = real_run.report
-    lora_drop, qlora_drop = lora.heldout_loss_before - lora.heldout_loss_after, qlora.heldout_loss_before - qlora.heldout_loss_after
-    print(f"held-out loss: LoRA on fp32 {lora.heldout_loss_before:.4f} -> {lora.heldout_loss_after:.4f} (drop {lora_drop:.4f}); "
-          f"QLoRA on nf4 {qlora.heldout_loss_before:.4f} -> {qlora.heldout_loss_after:.4f} (drop {qlora_drop:.4f}); "
-          f"{qlora.s_per_step:.1f} vs {lora.s_per_step:.1f} s/step")
+    lora_drop, qlora_drop = (
+        lora.heldout_loss_before - lora.heldout_loss_after,
+        qlora.heldout_loss_before - qlora.heldout_loss_after,
+    )
+    print(
+        f"held-out loss: LoRA on fp32 {lora.heldout_loss_before:.4f} -> {lora.heldout_loss_after:.4f} (drop {lora_drop:.4f}); "
+        f"QLoRA on nf4 {qlora.heldout_loss_before:.4f} -> {qlora.heldout_loss_after:.4f} (drop {qlora_drop:.4f}); "
+        f"{qlora.s_per_step:.1f} vs {lora.s_per_step:.1f} s/step"
+    )
     assert lora_drop > 0.1  # plain LoRA learns in these 8 steps, so the comparison means something
     assert qlora_drop >= 0.5 * lora_drop
     assert qlora.trainable_params == lora.trainable_params == 2_442_240  # r=8 on q/k/v/o/gate/up/down of 30 blocks
@@ -158,9 +175,13 @@ def test_adapter_reloads_to_the_same_heldout_loss(real_run, reloaded):
 @pytest.mark.slow
 def test_exact_merge_matches_within_the_quantization_gap(bundled_source, real_run, reloaded, tmp_path):
     model, _ = reloaded
-    merge = ft.merge_to_dequantized(bundled_source, real_run.report.adapter_dir, tmp_path / "merged", trained=model, log=print)
-    print(f"trained (nf4 + adapter) {merge.adapter_loss:.4f}, merged fp {merge.merged_loss:.4f}, difference "
-          f"{merge.difference:.4f}, nf4 vs fp base gap {merge.base_gap:.4f}, tolerance {merge.tolerance:.4f}")
+    merge = ft.merge_to_dequantized(
+        bundled_source, real_run.report.adapter_dir, tmp_path / "merged", trained=model, log=print
+    )
+    print(
+        f"trained (nf4 + adapter) {merge.adapter_loss:.4f}, merged fp {merge.merged_loss:.4f}, difference "
+        f"{merge.difference:.4f}, nf4 vs fp base gap {merge.base_gap:.4f}, tolerance {merge.tolerance:.4f}"
+    )
     assert merge.merged_loss == pytest.approx(merge.unmerged_loss, rel=ft.MERGE_RTOL)  # the merge itself is exact
     assert merge.within_tolerance and merge.difference <= ft.merge_tolerance(merge.base_gap)
     assert merge.base_gap > 0.01  # nf4 really differs from fp32 here, so the tolerance is not vacuous
@@ -168,4 +189,6 @@ def test_exact_merge_matches_within_the_quantization_gap(bundled_source, real_ru
     saved = models.load_model(models.ModelSource("merged", merge.merged_dir), "cpu")
     config = ft.saved_config(real_run.report.adapter_dir)
     heldout = ft.encode(real_run.tokenizer, None, ft.load_rows(config.data_path)[1], config.max_seq_len)
-    assert ft.heldout_loss(saved, heldout, real_run.tokenizer.pad_token_id) == pytest.approx(merge.merged_loss, rel=1e-2)
+    assert ft.heldout_loss(saved, heldout, real_run.tokenizer.pad_token_id) == pytest.approx(
+        merge.merged_loss, rel=1e-2
+    )

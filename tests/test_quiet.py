@@ -7,7 +7,6 @@ import sys
 
 from workbench.core.quiet import library_output
 
-
 SCRIPT = """
 import logging, os, sys, warnings
 from workbench.core.quiet import library_output
@@ -33,8 +32,14 @@ def test_every_kind_of_library_output_goes_to_the_file(tmp_path):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     written = path.read_text()
-    for line in ("a print", "a record nobody handles", "a record on a console handler", "a warning",
-                 "native stdout", "native stderr"):
+    for line in (
+        "a print",
+        "a record nobody handles",
+        "a record on a console handler",
+        "a warning",
+        "native stdout",
+        "native stderr",
+    ):
         assert line in written
     assert "after the block" not in written
     assert done.stdout == "after the block\n" and done.stderr == "after the block\n"
@@ -51,14 +56,24 @@ def test_nested_blocks_write_to_the_outer_file(tmp_path):
 
 def test_a_notebook_started_quietly_loads_a_model_without_library_output(tmp_path, tiny_folder):
     """Import-time warnings (torchao, torch's pytree) and transformers' loading bar stay out of the cell."""
-    script = ("import sys; from workbench.core import quiet; from workbench.sources import models; quiet.start_notebook(sys.argv[1]); "
-              "models.load_model(models.resolve(sys.argv[2]), 'cpu'); print('loaded')")
+    script = (
+        "import sys; from workbench.core import quiet; from workbench.sources import models; quiet.start_notebook(sys.argv[1]); "
+        "models.load_model(models.resolve(sys.argv[2]), 'cpu'); print('loaded')"
+    )
     log = tmp_path / "library.log"
-    done = subprocess.run([sys.executable, "-c", script, str(log), str(tiny_folder)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(log), str(tiny_folder)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "loaded\n" and "Loading weights" not in done.stderr and "Failed to load" not in done.stderr, done.stderr
-    loud = subprocess.run([sys.executable, "-c", script.replace("quiet.start_notebook(sys.argv[1]); ", ""), str(log), str(tiny_folder)],
-                          capture_output=True, text=True, timeout=120)
+    assert done.stdout == "loaded\n" and "Loading weights" not in done.stderr and "Failed to load" not in done.stderr, (
+        done.stderr
+    )
+    loud = subprocess.run(
+        [sys.executable, "-c", script.replace("quiet.start_notebook(sys.argv[1]); ", ""), str(log), str(tiny_folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "Loading weights" in loud.stderr  # the check can fail: without it, the bar is there
 
 
@@ -85,11 +100,17 @@ def test_gptqmodel_progress_bars_stay_out_of_a_notebook_cell(tmp_path):
     import os
 
     # as a fresh kernel would be (this process imported the workbench), under pytest
-    env = {k: v for k, v in os.environ.items() if k != "LOGBAR_DISABLE_NOTEBOOK_DETECTION"} | {"PYTEST_CURRENT_TEST": "nbval"}
+    env = {k: v for k, v in os.environ.items() if k != "LOGBAR_DISABLE_NOTEBOOK_DETECTION"} | {
+        "PYTEST_CURRENT_TEST": "nbval"
+    }
     bar = "from logbar import LogBar\nfor _ in LogBar.shared().pb(range(20)).title('layers'): pass\n"
-    quiet = f"from workbench.core import quiet\nwith quiet.library_output({str(tmp_path / 'library.log')!r}):\n" + \
-        "".join(f"    {line}\n" for line in bar.splitlines())
-    assert "update_display_data" in _messages_of_a_cell(bar, env)  # the check can fail: without the workbench, they draw
+    quiet = (
+        f"from workbench.core import quiet\nwith quiet.library_output({str(tmp_path / 'library.log')!r}):\n"
+        + "".join(f"    {line}\n" for line in bar.splitlines())
+    )
+    assert "update_display_data" in _messages_of_a_cell(
+        bar, env
+    )  # the check can fail: without the workbench, they draw
     kinds = _messages_of_a_cell(quiet, env)
     assert not {"display_data", "update_display_data", "stream"} & set(kinds), kinds
     assert "layers" in (tmp_path / "library.log").read_text()

@@ -16,12 +16,11 @@ import pytest
 
 ray = pytest.importorskip("ray")  # the [cluster] extra; `make test` installs it
 
-from workbench.run import runner  # noqa: E402
-from workbench import methods
+from workbench import methods  # noqa: E402
 from workbench.cli import main  # noqa: E402
 from workbench.core.config import EvalConfig, ModelSpec  # noqa: E402
 from workbench.core.errors import WorkbenchError  # noqa: E402
-from workbench.run import ray_tasks  # noqa: E402
+from workbench.run import ray_tasks, runner  # noqa: E402
 
 FAST = ["--max-length", "128", "--max-tokens", "256", "--decode-tokens", "0"]
 CELLS = ["fp32", "bnb-nf4", "bnb-int8", "bnb-fp4"]
@@ -36,17 +35,11 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def session(tiny_folder):
-    return runner.Session.open(ModelSpec(str(tiny_folder), device="cpu"),
-                               EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=0), log=lambda m: None)
-
-
-@pytest.fixture
-def custom():
-    import custom_method
-
-    custom_method.register_all()
-    yield custom_method
-    custom_method.unregister_all()
+    return runner.Session.open(
+        ModelSpec(str(tiny_folder), device="cpu"),
+        EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=0),
+        log=lambda m: None,
+    )
 
 
 def _rows(folder):
@@ -54,22 +47,31 @@ def _rows(folder):
 
 
 def test_a_ray_sweep_measures_what_the_local_executor_measures_and_a_crash_is_an_error_row(
-        local_ray, custom, capsys, tiny_folder, tmp_path):
+    local_ray, custom, capsys, tiny_folder, tmp_path
+):
     common = ["sweep", "--model", str(tiny_folder), *FAST]
     grids = [arg for cell in CELLS for arg in ("--grid", cell)]
     assert main([*common, *grids, "--grid", "test-crash", "--executor", "ray", "--out", str(tmp_path / "ray")]) == 0
     out, _ = capsys.readouterr()
-    assert main([*common, *grids, "--in-process", "--out", str(tmp_path / "local")]) == 0  # (a crash here would end pytest)
+    assert (
+        main([*common, *grids, "--in-process", "--out", str(tmp_path / "local")]) == 0
+    )  # (a crash here would end pytest)
     capsys.readouterr()
     *on_ray, crashed = _rows(tmp_path / "ray")
     here = _rows(tmp_path / "local")
     assert [r["label"] for r in on_ray] == [r["label"] for r in here] == CELLS
-    assert {r["mode"] for r in on_ray} == {"ray"} and out.splitlines()[2].split()[-1] == "ray"  # the table's "run in" column
+    assert {r["mode"] for r in on_ray} == {"ray"} and out.splitlines()[2].split()[
+        -1
+    ] == "ray"  # the table's "run in" column
     for a, b in zip(on_ray, here):
         assert a["error"] is None and math.isfinite(a["ppl"])
         assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6), a["label"]
         assert a["weight_bytes"] == b["weight_bytes"]
-    assert crashed["mode"] == "ray" and "Ray worker process died" in crashed["error"] and "WorkerCrashedError" in crashed["error"]
+    assert (
+        crashed["mode"] == "ray"
+        and "Ray worker process died" in crashed["error"]
+        and "WorkerCrashedError" in crashed["error"]
+    )
     assert len((tmp_path / "ray" / "history.jsonl").read_text().splitlines()) == 5  # written here as the tasks ended
 
 
@@ -77,8 +79,14 @@ def test_cancel_after_the_first_result_cancels_the_running_and_the_queued_tasks(
     cells = [methods.parse(c) for c in ("bnb-nf4", "test-hang:seconds=300", "test-hang:seconds=301")]
     finished = []
     start = time.monotonic()
-    ray_tasks.RayTasks().run(session, list(enumerate(cells)), lambda index, result: finished.append((index, result)),
-                             lambda m: None, None, should_stop=lambda: bool(finished))
+    ray_tasks.RayTasks().run(
+        session,
+        list(enumerate(cells)),
+        lambda index, result: finished.append((index, result)),
+        lambda m: None,
+        None,
+        should_stop=lambda: bool(finished),
+    )
     assert [(index, result.label, result.error) for index, result in finished] == [(0, "bnb-nf4", None)]
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
@@ -90,17 +98,32 @@ def test_cancel_after_the_first_result_cancels_the_running_and_the_queued_tasks(
 def test_a_task_that_raises_before_measuring_is_an_error_row_saying_why(local_ray, tiny_folder, tmp_path):
     text = tmp_path / "essay.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60, encoding="utf-8")
-    session = runner.Session.open(ModelSpec(str(tiny_folder), device="cpu"),
-                                  EvalConfig(max_length=128, stride=128, text_path=str(text), decode_tokens=0), log=lambda m: None)
+    session = runner.Session.open(
+        ModelSpec(str(tiny_folder), device="cpu"),
+        EvalConfig(max_length=128, stride=128, text_path=str(text), decode_tokens=0),
+        log=lambda m: None,
+    )
     text.unlink()  # as on a node that lacks the evaluation text
     rows = []
-    ray_tasks.RayTasks().run(session, [(0, methods.parse("bnb-nf4"))], lambda index, result: rows.append(result),
-                             lambda m: None, None, lambda: False)
+    ray_tasks.RayTasks().run(
+        session,
+        [(0, methods.parse("bnb-nf4"))],
+        lambda index, result: rows.append(result),
+        lambda m: None,
+        None,
+        lambda: False,
+    )
     (row,) = rows
     assert row.mode == "ray" and "the Ray task raised WorkbenchError" in row.error and "essay.txt" in row.error
 
 
 def test_a_gpu_session_on_a_cluster_without_gpus_is_refused_before_any_task(local_ray, session):
     with pytest.raises(WorkbenchError, match="each task needs 1 GPU"):
-        ray_tasks.RayTasks().run(replace(session, device="cuda"), [(0, methods.parse("fp32"))], lambda i, r: None, lambda m: None,
-                                 None, lambda: False)
+        ray_tasks.RayTasks().run(
+            replace(session, device="cuda"),
+            [(0, methods.parse("fp32"))],
+            lambda i, r: None,
+            lambda m: None,
+            None,
+            lambda: False,
+        )

@@ -10,17 +10,30 @@ import math
 
 import pytest
 
-from workbench.run import estimate, executors, runner
 from workbench import methods
-from workbench.sources import models
 from workbench.core.config import EvalConfig, ModelSpec
+from workbench.run import estimate, executors, runner
 from workbench.run.compare import compare
+from workbench.sources import models
 
 pytestmark = pytest.mark.slow
 
-GPTQ = "gptq:samples=4"  # 4 calibration blocks instead of 16: 46 s instead of 68 s here, perplexity 17.9 instead of 16.9
-METHODS = ["fp32", "bnb-int8", "quanto-int8", "torchao-int8", "bnb-nf4", "bnb-nf4:double_quant=false", "bnb-fp4",
-           "quanto-int2", "hqq", "rtn", GPTQ]
+GPTQ = (
+    "gptq:samples=4"  # 4 calibration blocks instead of 16: 46 s instead of 68 s here, perplexity 17.9 instead of 16.9
+)
+METHODS = [
+    "fp32",
+    "bnb-int8",
+    "quanto-int8",
+    "torchao-int8",
+    "bnb-nf4",
+    "bnb-nf4:double_quant=false",
+    "bnb-fp4",
+    "quanto-int2",
+    "hqq",
+    "rtn",
+    GPTQ,
+]
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from workbench import methods
-from workbench.sources import models, remote_code
 from workbench.cli import main
 from workbench.core.config import ModelSpec
 from workbench.core.errors import WorkbenchError
+from workbench.sources import models, remote_code
 
-EVIL_CODE = '''
+EVIL_CODE = """
 from pathlib import Path
 Path({marker!r}).write_text("the model's own code ran")
 
@@ -39,7 +39,7 @@ class EvilForCausalLM(LlamaForCausalLM):
 
 class EvilTokenizer(PreTrainedTokenizerFast):
     pass
-'''
+"""
 CONFIG_MAP = {"AutoConfig": "evil_model.EvilConfig", "AutoModelForCausalLM": "evil_model.EvilForCausalLM"}
 TOKENIZER_MAP = {"AutoTokenizer": [None, "evil_model.EvilTokenizer"]}
 FAST = ["--max-length", "128", "--max-tokens", "64", "--decode-tokens", "0"]
@@ -90,14 +90,41 @@ def test_the_message_names_the_file_the_config_and_the_opt_in(evil):
 @pytest.mark.parametrize("method", one_method_per_family())
 def test_compare_refuses_for_every_method_family(method, evil, tmp_path, capsys):
     out = tmp_path / "out"
-    _cli_refuses(["compare", "--model", str(evil), "--methods", method, "--in-process", "--device", "cpu",
-                  "--out", str(out), *FAST], capsys)
+    _cli_refuses(
+        [
+            "compare",
+            "--model",
+            str(evil),
+            "--methods",
+            method,
+            "--in-process",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *FAST,
+        ],
+        capsys,
+    )
     assert not (out / "history.jsonl").exists()  # refused before anything was measured
 
 
 def test_compare_in_worker_processes_refuses_too(evil, tmp_path, capsys):
-    _cli_refuses(["compare", "--model", str(evil), "--methods", "fp32,rtn", "--device", "cpu",
-                  "--out", str(tmp_path / "out"), *FAST], capsys)
+    _cli_refuses(
+        [
+            "compare",
+            "--model",
+            str(evil),
+            "--methods",
+            "fp32,rtn",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "out"),
+            *FAST,
+        ],
+        capsys,
+    )
 
 
 def test_estimate_refuses(evil, capsys):
@@ -122,7 +149,9 @@ def test_fine_tuning_panel_refuses(evil, tmp_path):
     from workbench.finetune import FinetuneConfig
     from workbench.panels import FineTunePanel, ModelPicker
 
-    panel = FineTunePanel(ModelPicker(default=str(evil), device="cpu"), FinetuneConfig(max_steps=1), out_dir=str(tmp_path))
+    panel = FineTunePanel(
+        ModelPicker(default=str(evil), device="cpu"), FinetuneConfig(max_steps=1), out_dir=str(tmp_path)
+    )
     panel.button.click()
     assert panel.job.wait(120) == "error"
     assert "evil_model.py" in panel.job.error and "trust remote code" in panel.job.error
@@ -152,7 +181,10 @@ def test_a_model_without_auto_map_passes(tiny_folder):
 
 
 def test_code_files_reads_every_form_of_auto_map():
-    assert remote_code.code_files({"AutoConfig": "cfg.MyConfig", "AutoModelForCausalLM": "modeling.MyModel"}) == ["cfg.py", "modeling.py"]
+    assert remote_code.code_files({"AutoConfig": "cfg.MyConfig", "AutoModelForCausalLM": "modeling.MyModel"}) == [
+        "cfg.py",
+        "modeling.py",
+    ]
     assert remote_code.code_files({"AutoTokenizer": ["tok.Slow", None]}) == ["tok.py"]
     assert remote_code.code_files(["tok.Slow", "tok.Fast"]) == ["tok.py"]  # old tokenizer configs: the pair alone
     assert remote_code.code_files({"AutoModel": "other/repo--modeling.MyModel"}) == ["modeling.py from other/repo"]
@@ -173,8 +205,24 @@ def test_with_the_opt_in_the_models_own_code_runs(tiny_folder, tmp_path):
     (folder / "evil_model.py").write_text(EVIL_CODE.format(marker=str(marker)), encoding="utf-8")
     _add_auto_map(folder, "config.json", CONFIG_MAP)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    done = subprocess.run([sys.executable, "-m", "workbench", "estimate", "--model", str(folder), "--device", "cpu",
-                           "--trust-remote-code", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workbench",
+            "estimate",
+            "--model",
+            str(folder),
+            "--device",
+            "cpu",
+            "--trust-remote-code",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert marker.read_text() == "the model's own code ran"
     assert json.loads(done.stdout)["total_params"] > 0

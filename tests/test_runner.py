@@ -18,27 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from workbench.core import allocator
-from workbench.run import estimate, executors, runner
 from workbench import methods
-from workbench.sources import models
 from workbench.cli import main
+from workbench.core import allocator
 from workbench.core.config import EvalConfig, ModelSpec
 from workbench.core.errors import WorkbenchError
-from workbench.run import workers
+from workbench.run import estimate, executors, runner, workers
 from workbench.run.compare import compare
+from workbench.sources import models
 
 FAST = ["--max-length", "128", "--max-tokens", "256", "--decode-tokens", "8"]
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture
-def custom():
-    import custom_method
-
-    custom_method.register_all()
-    yield custom_method
-    custom_method.unregister_all()
 
 
 def run(capsys, *argv):
@@ -48,6 +38,7 @@ def run(capsys, *argv):
 
 
 # ---------------------------------------------------------------------------- the method contract
+
 
 def test_a_method_registered_from_one_module_appears_in_every_surface(custom, capsys, tiny_folder, tmp_path):
     from workbench.panels import MethodPicker
@@ -60,8 +51,9 @@ def test_a_method_registered_from_one_module_appears_in_every_surface(custom, ca
     picker = MethodPicker(device="cpu")
     picker.select("test-rtn8")
     assert picker.choices() == ["test-rtn8"]
-    code, out, err = run(capsys, "compare", "--model", str(tiny_folder), "--methods", "fp32,test-rtn8",
-                         "--out", str(tmp_path), *FAST)  # in worker processes: the worker imports custom_method too
+    code, out, err = run(
+        capsys, "compare", "--model", str(tiny_folder), "--methods", "fp32,test-rtn8", "--out", str(tmp_path), *FAST
+    )  # in worker processes: the worker imports custom_method too
     assert code == 0, err
     fp32, rtn8 = json.loads((tmp_path / "results.json").read_text())
     assert rtn8["method"] == "test-rtn8" and rtn8["error"] is None and rtn8["mode"] == "worker"
@@ -115,21 +107,32 @@ def test_adapter_wrapped_models_count_base_and_adapter(tiny_session, tmp_path):
     lora = get_peft_model(base.model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     lora.save_pretrained(tmp_path / "adapter")
     base.close()
-    with runner.build(tiny_session, methods.parse("bnb-nf4", adapter=str(tmp_path / "adapter")), log=lambda m: None) as built:
+    with runner.build(
+        tiny_session, methods.parse("bnb-nf4", adapter=str(tmp_path / "adapter")), log=lambda m: None
+    ) as built:
         assert built.choice.label == "bnb-nf4+lora"
         plain = runner.build(tiny_session, "bnb-nf4", log=lambda m: None)
         # LoRA A (r x in) and B (out x r) in fp32 on q and v of each block: added to the 4-bit layers' bytes.
         layers = dict(models.block_linears(plain.model))
-        adapter_bits = sum(32 * 8 * (layers[n].in_features + layers[n].out_features) for n in layers if n.endswith(("q_proj", "v_proj")))
+        adapter_bits = sum(
+            32 * 8 * (layers[n].in_features + layers[n].out_features)
+            for n in layers
+            if n.endswith(("q_proj", "v_proj"))
+        )
         weights = sum(m.in_features * m.out_features for m in layers.values())
-        assert built.storage.bits_per_weight == pytest.approx(plain.storage.bits_per_weight + adapter_bits / weights, rel=1e-3)
+        assert built.storage.bits_per_weight == pytest.approx(
+            plain.storage.bits_per_weight + adapter_bits / weights, rel=1e-3
+        )
         plain.close()
 
 
 def test_no_family_checks_outside_the_methods_package():
     package = Path(runner.__file__).parent
-    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
-                 if "methods" not in p.parts and "family ==" in p.read_text(encoding="utf-8")]
+    offenders = [
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if "methods" not in p.parts and "family ==" in p.read_text(encoding="utf-8")
+    ]
     assert not offenders
 
 
@@ -137,11 +140,16 @@ def test_result_identity_is_not_its_label(tiny_session):
     result = runner.failed(tiny_session, methods.parse("gptq:bits=8:group_size=32"), "not run")
     assert result.method == "gptq" and result.label == "gptq(bits=8, group_size=32)"
     identity = result.identity()
-    assert identity["method"] == "gptq" and identity["params"]["bits"] == 8 and identity["model"] == tiny_session.fingerprint
+    assert (
+        identity["method"] == "gptq"
+        and identity["params"]["bits"] == 8
+        and identity["model"] == tiny_session.fingerprint
+    )
     assert identity["protocol"]["decode_tokens"] == 8 and identity["backend"].startswith("gptqmodel ")
 
 
 # ---------------------------------------------------------------------------- worker processes
+
 
 def _compare(session, choices, executor, **kwargs):
     return compare(session, choices, log=lambda m: None, executor=executor, **kwargs)
@@ -199,19 +207,26 @@ def test_a_worker_terminated_from_outside_names_the_sender(custom, tiny_session,
 
 def test_what_the_fork_server_prints_is_library_output_not_the_callers(tiny_folder):
     """In a notebook kernel, the fork server's import messages would land in the running cell."""
-    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
-              "from workbench.run import compare, runner, workers\nfrom workbench.core.config import EvalConfig, ModelSpec\n"
-              "workers.WORKER_PRELOAD.append('noisy_import')\n"
-              "if __name__ == '__main__':\n"
-              "    session = runner.Session.open(ModelSpec(sys.argv[2], device='cpu'), EvalConfig(max_length=128, stride=128, "
-              "max_tokens=256, decode_tokens=8), log=lambda m: None)\n"
-              "    lines = []\n"
-              "    (row,) = compare.compare(session, ['fp32'], log=lambda m: None, executor=workers.WorkerProcesses(library_log=lines.append))\n"
-              "    print('error:', row.error, '| library:', ' / '.join(line for line in lines if 'noisy' in line))\n"
-              "    import os; print('server output file left:', os.path.exists(workers._fork_server_output.name))\n")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from workbench.run import compare, runner, workers\nfrom workbench.core.config import EvalConfig, ModelSpec\n"
+        "workers.WORKER_PRELOAD.append('noisy_import')\n"
+        "if __name__ == '__main__':\n"
+        "    session = runner.Session.open(ModelSpec(sys.argv[2], device='cpu'), EvalConfig(max_length=128, stride=128, "
+        "max_tokens=256, decode_tokens=8), log=lambda m: None)\n"
+        "    lines = []\n"
+        "    (row,) = compare.compare(session, ['fp32'], log=lambda m: None, executor=workers.WorkerProcesses(library_log=lines.append))\n"
+        "    print('error:', row.error, '| library:', ' / '.join(line for line in lines if 'noisy' in line))\n"
+        "    import os; print('server output file left:', os.path.exists(workers._fork_server_output.name))\n"
+    )
     # cwd: Python 3.11's fork server ignores the parent's sys.path when it preloads, but finds the cwd's modules
-    done = subprocess.run([sys.executable, "-c", script, str(TESTS), str(tiny_folder)], capture_output=True, text=True,
-                          timeout=240, cwd=TESTS)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(TESTS), str(tiny_folder)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=TESTS,
+    )
     assert done.returncode == 0, done.stderr
     assert "noisy" not in done.stderr and done.stdout.count("noisy") == 3, (done.stdout, done.stderr)
     assert done.stdout.startswith("error: None | library: ")
@@ -235,10 +250,14 @@ def test_worker_rows_report_their_own_peak_above_the_baseline(tiny_session):
 def test_results_stream_into_history_as_each_finishes(custom, tiny_folder, tmp_path):
     """Ctrl-C during the second method: the first is already in the history, and a re-run reuses it."""
     out = tmp_path / "out"
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import custom_method; from workbench.cli import main; "
-              "sys.exit(main(sys.argv[2:]))")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import custom_method; from workbench.cli import main; "
+        "sys.exit(main(sys.argv[2:]))"
+    )
     argv = [sys.executable, "-c", script, str(TESTS), "compare", "--model", str(tiny_folder), "--out", str(out), *FAST]
-    cli = subprocess.Popen(argv + ["--methods", "fp32,test-hang"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen(
+        argv + ["--methods", "fp32,test-hang"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     history = out / "history.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (history.is_file() and history.read_text().strip()):
@@ -254,15 +273,19 @@ def test_results_stream_into_history_as_each_finishes(custom, tiny_folder, tmp_p
 
 # ---------------------------------------------------------------------------- refused before any work
 
-@pytest.mark.parametrize("argv,message", [
-    (["--methods", "fp32,nope"], "unknown method 'nope'"),
-    (["--methods", "gptq:bits=5"], "bits=5 is not supported"),
-    (["--methods", "hqq:bits=nan"], "is not a int"),
-    (["--methods", "bnb-int8:threshold=nan"], "must be a finite number"),
-    (["--decode-tokens", "1"], "too few to time"),
-    (["--max-length", "2048"], "beyond"),
-    (["--jobs", "100000"], "use --jobs"),
-])
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--methods", "fp32,nope"], "unknown method 'nope'"),
+        (["--methods", "gptq:bits=5"], "bits=5 is not supported"),
+        (["--methods", "hqq:bits=nan"], "is not a int"),
+        (["--methods", "bnb-int8:threshold=nan"], "must be a finite number"),
+        (["--decode-tokens", "1"], "too few to time"),
+        (["--max-length", "2048"], "beyond"),
+        (["--jobs", "100000"], "use --jobs"),
+    ],
+)
 def test_bad_choices_and_settings_are_refused_before_any_work(capsys, tiny_folder, tmp_path, argv, message):
     base = ["compare", "--model", str(tiny_folder), "--out", str(tmp_path / "o"), *FAST]
     if "--methods" not in argv:
@@ -275,9 +298,12 @@ def test_bad_choices_and_settings_are_refused_before_any_work(capsys, tiny_folde
 def test_a_non_causal_model_is_refused_before_any_work(capsys, tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                               vocab_size=100)).save_pretrained(tmp_path / "bert")
-    code, _, err = run(capsys, "compare", "--model", str(tmp_path / "bert"), "--methods", "fp32", "--out", str(tmp_path / "o"), *FAST)
+    BertForMaskedLM(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    ).save_pretrained(tmp_path / "bert")
+    code, _, err = run(
+        capsys, "compare", "--model", str(tmp_path / "bert"), "--methods", "fp32", "--out", str(tmp_path / "o"), *FAST
+    )
     assert code == 2 and "BertForMaskedLM is not a causal" in err
 
 
@@ -289,15 +315,24 @@ def test_a_checkpoint_missing_a_layer_is_an_error_row_naming_the_tensors(tiny_fo
     broken = tmp_path / "broken"
     shutil.copytree(tiny_folder, broken)
     weights = load_file(broken / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if ".layers.1." not in k}, broken / "model.safetensors", metadata={"format": "pt"})
-    session = runner.Session.open(ModelSpec(str(broken), device="cpu"), EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=0))
+    save_file(
+        {k: v for k, v in weights.items() if ".layers.1." not in k},
+        broken / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    session = runner.Session.open(
+        ModelSpec(str(broken), device="cpu"), EvalConfig(max_length=128, stride=128, max_tokens=256, decode_tokens=0)
+    )
     (row,) = _compare(session, ["fp32"], executors.InProcess())
     assert row.error and "missing" in row.error and "model.layers.1." in row.error
 
 
 # ---------------------------------------------------------------------------- estimate and measurement agree
 
-@pytest.mark.parametrize("name", ["fp32", "bnb-int8", "bnb-nf4", "bnb-nf4:double_quant=false", "hqq", "quanto-int8", "torchao-int8"])
+
+@pytest.mark.parametrize(
+    "name", ["fp32", "bnb-int8", "bnb-nf4", "bnb-nf4:double_quant=false", "hqq", "quanto-int8", "torchao-int8"]
+)
 def test_estimate_agrees_with_the_measured_storage(tiny_session, name):
     choice = methods.parse(name)
     total, linear = estimate.count_params(models.empty_model(tiny_session.source))

@@ -10,13 +10,11 @@ import pytest
 import torch
 
 from workbench import methods
-from workbench.sources import models
-from workbench.run import runner
-from workbench.metrics import sensitivity
 from workbench.core.errors import WorkbenchError
-from workbench.report.sensitivity import heatmap
-from workbench.run import maps
 from workbench.methods import gptq
+from workbench.metrics import sensitivity
+from workbench.report.sensitivity import heatmap
+from workbench.run import maps, runner
 
 
 def stored_weight(layer) -> torch.Tensor:
@@ -35,13 +33,17 @@ def stored_weight(layer) -> torch.Tensor:
         return layer(torch.eye(layer.in_features)).T.float()
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tiny_session):
-    return models.load_model(tiny_session.source, "cpu")
-
-
-@pytest.mark.parametrize("choice", ["rtn:bits=3:group_size=64", "rtn:bits=3:group_size=32:sym=False", "rtn:bits=8",
-                                    "hqq:bits=3", "bnb-nf4", "bnb-fp4:double_quant=False"])
+@pytest.mark.parametrize(
+    "choice",
+    [
+        "rtn:bits=3:group_size=64",
+        "rtn:bits=3:group_size=32:sym=False",
+        "rtn:bits=8",
+        "hqq:bits=3",
+        "bnb-nf4",
+        "bnb-fp4:double_quant=False",
+    ],
+)
 def test_fake_quantization_equals_the_backends_dequantized_weight(tiny_session, tiny_model, choice):
     """The map is honest only if each cell's weight is what the real method stores."""
     name = "model.layers.1.mlp.down_proj"
@@ -75,19 +77,22 @@ def test_replayed_kl_equals_a_full_forward(tiny_session, tiny_model):
 
 def test_map_cells_sums_and_cache(tiny_session, tmp_path):
     logs = []
-    smap, path = maps.load_or_compute(tiny_session.source, "rtn:bits=2:group_size=64", tokens=128,
-                                             folder=tmp_path, log=logs.append)
+    smap, path = maps.load_or_compute(
+        tiny_session.source, "rtn:bits=2:group_size=64", tokens=128, folder=tmp_path, log=logs.append
+    )
     assert len(smap.cells) == 14 and smap.blocks == [0, 1] and len(smap.kinds) == 7
     assert all(c.kl > 0 and c.proxy > 0 for c in smap.cells)
     assert sum(smap.sums("kl", by="block").values()) == pytest.approx(sum(c.kl for c in smap.cells))
     assert -1 <= smap.spearman() <= 1
     assert smap.text.endswith("(second half)")  # the calibration text, not the evaluation text
     assert json.loads(path.read_text())["method"] == "rtn:bits=2"
-    again, _ = maps.load_or_compute(tiny_session.source, "rtn:bits=2:group_size=64", tokens=128,
-                                           folder=tmp_path, log=logs.append)
+    again, _ = maps.load_or_compute(
+        tiny_session.source, "rtn:bits=2:group_size=64", tokens=128, folder=tmp_path, log=logs.append
+    )
     assert again == smap and any("reusing" in line for line in logs)
-    other, other_path = maps.load_or_compute(tiny_session.source, "rtn:bits=2", tokens=128, unit="block",
-                                                    folder=tmp_path, end_to_end=False, log=logs.append)
+    other, other_path = maps.load_or_compute(
+        tiny_session.source, "rtn:bits=2", tokens=128, unit="block", folder=tmp_path, end_to_end=False, log=logs.append
+    )
     assert other_path != path and [c.kind for c in other.cells] == ["block", "block"]
     assert other.cells[0].kl is None and other.end_to_end_s is None and len(other.cells[0].layers) == 7
 
@@ -110,8 +115,11 @@ def test_spearman_ranks():
 
 
 def test_heatmap_shows_cells_and_both_sums():
-    cells = tuple(sensitivity.Cell(b, k, (f"model.layers.{b}.{k}",), 10, kl=(b + 1) * (i + 1) * 1e-3, proxy=0.1)
-                  for b in range(3) for i, k in enumerate(("q_proj", "down_proj")))
+    cells = tuple(
+        sensitivity.Cell(b, k, (f"model.layers.{b}.{k}",), 10, kl=(b + 1) * (i + 1) * 1e-3, proxy=0.1)
+        for b in range(3)
+        for i, k in enumerate(("q_proj", "down_proj"))
+    )
     smap = sensitivity.SensitivityMap("smollm2-135m", "fp", "rtn:bits=3", "calib", "sha", 512, "layer", cells, 1.0, 2.0)
     fig = heatmap(smap)
     grid, by_block, by_kind = fig.data

@@ -26,8 +26,9 @@ def test_runs_on_the_expected_ipywidgets_version():
 
 @pytest.fixture
 def panel(tiny_folder, tmp_path):
-    return SensitivityPanel(ModelPicker(default=str(tiny_folder), device="cpu"), out_dir=str(tmp_path), tokens=TOKENS,
-                            eval_cfg=FAST)
+    return SensitivityPanel(
+        ModelPicker(default=str(tiny_folder), device="cpu"), out_dir=str(tmp_path), tokens=TOKENS, eval_cfg=FAST
+    )
 
 
 def test_compute_draws_the_heatmap_and_the_slider_replans_at_once(panel, tmp_path, monkeypatch):
@@ -40,7 +41,9 @@ def test_compute_draws_the_heatmap_and_the_slider_replans_at_once(panel, tmp_pat
     z = panel.figure.data[0].z
     assert len(z) == 2 and len(z[0]) == 7 and panel.map_figure.widget.outputs  # drawn into the panel
     assert "most sensitive layer: block" in panel.map_job.log.text
-    assert stored_bits(3, 64) <= panel.budget.min < stored_bits(3, 64) + 0.01  # two-decimal ends inside the widths' costs
+    assert (
+        stored_bits(3, 64) <= panel.budget.min < stored_bits(3, 64) + 0.01
+    )  # two-decimal ends inside the widths' costs
     assert stored_bits(8, 64) - 0.01 < panel.budget.max <= stored_bits(8, 64)
 
     panel.budget.value = panel.budget.min
@@ -54,7 +57,9 @@ def test_compute_draws_the_heatmap_and_the_slider_replans_at_once(panel, tmp_pat
 
 
 def test_build_and_measure_shows_uniform_and_mixed_rows_with_kl_and_pareto_charts(panel):
-    panel.in_process = True  # the panel measures in worker processes by default (ComparePanel's tests cover them): 40 s less
+    panel.in_process = (
+        True  # the panel measures in worker processes by default (ComparePanel's tests cover them): 40 s less
+    )
     panel.compute()
     panel.budget.value = 3.9
     panel.build_button.click()

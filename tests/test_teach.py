@@ -7,6 +7,8 @@ import torch
 
 from workbench import teach
 from workbench.teach import charts as teach_charts
+from workbench.teach import gptq as teach_gptq
+from workbench.teach.explorer import ErrorExplorer
 
 
 def test_bit_fields_add_up_and_match_ieee():
@@ -21,7 +23,7 @@ def test_number_formats_columns_hold_one_meaning_each():
     rows = {row["format"]: row for row in teach.number_formats()}
     assert float(rows["fp16"]["largest"]) == 65504
     assert float(rows["fp16"]["step at the largest"]) == 32  # 65504 - 65472
-    assert float(rows["bf16"]["step at 1.0"]) == 2 ** -7
+    assert float(rows["bf16"]["step at 1.0"]) == 2**-7
     assert rows["int8"]["largest"] == "127" and rows["int8"]["smallest"] == "-128"
     assert len({tuple(row) for row in rows.values()}) == 1  # same columns in every row
 
@@ -101,9 +103,9 @@ def test_gptq_is_the_exact_obs_update_on_a_tiny_case():
     torch.manual_seed(1)
     weight = torch.randn(4, 6, dtype=torch.float64)
     x = torch.randn(6, 20, dtype=torch.float64)
-    hess = teach.hessian(x)
+    hess = teach_gptq.hessian(x)
     damped = hess + 0.01 * torch.diag(hess).mean() * torch.eye(6, dtype=torch.float64)
-    result = teach.gptq_quantize(weight, hess, bits=3, group=None, damp=0.01, record=2)
+    result = teach_gptq.gptq_quantize(weight, hess, bits=3, group=None, damp=0.01, record=2)
     assert torch.allclose(result.restored, _naive_obs(weight, damped, bits=3), atol=1e-9)
     assert result.step.column == 2 and result.step.update.shape == (4, 3)
     assert torch.allclose(result.step.error, result.step.before - result.step.quantized)
@@ -112,25 +114,28 @@ def test_gptq_is_the_exact_obs_update_on_a_tiny_case():
 def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     torch.manual_seed(0)
     features, tokens = 64, 512
-    mixing = torch.randn(features, features) / features ** 0.5 + torch.eye(features)
+    mixing = torch.randn(features, features) / features**0.5 + torch.eye(features)
     x = mixing @ torch.randn(features, tokens)  # correlated features
     weight = torch.randn(32, features)
     for group in (None, 16):
         rtn = teach.absmax_quantize(weight, 4, "row" if group is None else group).restored
-        gptq = teach.gptq_quantize(weight, teach.hessian(x), bits=4, group=group).restored
-        assert teach.output_error(weight, gptq, x)["relative"] < 0.8 * teach.output_error(weight, rtn, x)["relative"]
+        gptq = teach_gptq.gptq_quantize(weight, teach_gptq.hessian(x), bits=4, group=group).restored
+        assert (
+            teach_gptq.output_error(weight, gptq, x)["relative"]
+            < 0.8 * teach_gptq.output_error(weight, rtn, x)["relative"]
+        )
 
 
 def test_output_error_per_feature():
     weight, restored = torch.eye(2), torch.tensor([[1.0, 0.0], [0.0, 0.5]])
     x = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
-    error = teach.output_error(weight, restored, x)
+    error = teach_gptq.output_error(weight, restored, x)
     assert error["per_feature"].tolist() == [0.0, 2.0]
     assert error["relative"] == pytest.approx(2.0 / 5.0)
 
 
 def test_error_explorer_redraws_on_change():
-    explorer = teach_charts.ErrorExplorer(torch.randn(8, 128))
+    explorer = ErrorExplorer(torch.randn(8, 128))
     explorer.draw()
     first = explorer.figure.layout.title.text
     explorer.bits.value = 2
@@ -156,8 +161,8 @@ def test_layer_inputs_and_gptq_study_on_a_tiny_model(tiny_folder):
         expected = (mlp.act_fn(mlp.gate_proj(entering[0])) * mlp.up_proj(entering[0])).reshape(-1, 256).T
     assert inputs.shape == (256, 64)  # (MLP width, tokens of both blocks)
     assert torch.allclose(inputs, expected, atol=1e-6)
-    study = teach.gptq_vs_rtn(model, tokenizer, layer=-1, tokens=256, bits=4, group=64)
+    study = teach_gptq.gptq_vs_rtn(model, tokenizer, layer=-1, tokens=256, bits=4, group=64)
     assert study["tokens"] == 256 and study["layer"] == "model.layers[1].mlp.down_proj"
     assert study["gptq"]["calibration"]["relative"] < study["rtn"]["calibration"]["relative"]
-    teach_charts.gptq_error_figure(study)
-    teach_charts.gptq_step_figure(study)
+    teach_gptq.gptq_error_figure(study)
+    teach_gptq.gptq_step_figure(study)

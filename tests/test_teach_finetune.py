@@ -6,15 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.teach import finetune as tf
 from workbench.finetune import FinetuneConfig, attach_lora
+from workbench.teach import finetune as tf
+from workbench.teach import nf4_update as nf4u
 
 
 def tiny_llama(layers: int = 2, seed: int = 0, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
@@ -37,8 +46,14 @@ def test_lora_plan_from_a_model_folder_reads_the_config_only(tmp_path):
 
     tiny_llama(tied=True).save_pretrained(tmp_path)
     config = FinetuneConfig(base="fp32", r=8)
-    from_config, loaded = tf.lora_plan(ModelSpec(str(tmp_path), device="cpu"), config), tf.lora_plan_of(tiny_llama(tied=True), config)
-    assert (from_config.trainable, from_config.frozen) == (loaded.trainable, loaded.frozen)  # the tied head counted once
+    from_config, loaded = (
+        tf.lora_plan(ModelSpec(str(tmp_path), device="cpu"), config),
+        tf.lora_plan_of(tiny_llama(tied=True), config),
+    )
+    assert (from_config.trainable, from_config.frozen) == (
+        loaded.trainable,
+        loaded.frozen,
+    )  # the tied head counted once
     fig = tf.lora_figure(tf.lora_plan_of(tiny_llama(), config), "down_proj")
     texts = " ".join(a.text for a in fig.layout.annotations)
     assert "W  128 x 192" in texts and "B  128 x 8" in texts and "A  8 x 192" in texts
@@ -49,16 +64,18 @@ def test_hand_nf4_rounding_gives_bitsandbytes_codes():
 
     weight = torch.randn(3, 100) * 0.05  # 300 weights: the last of 5 blocks is padded
     packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
-    bnb_codes = torch.stack([packed.flatten() >> 4, packed.flatten() & 15], dim=1).flatten()[:weight.numel()].long()
-    codes, absmax = tf.nf4_round(weight, tf.nf4_levels())
+    bnb_codes = torch.stack([packed.flatten() >> 4, packed.flatten() & 15], dim=1).flatten()[: weight.numel()].long()
+    codes, absmax = nf4u.nf4_round(weight, nf4u.nf4_levels())
     assert torch.equal(codes, bnb_codes)
     assert torch.allclose(absmax[::64], state.absmax)
     dequantized = F.dequantize_4bit(packed, state)
-    assert torch.allclose(tf.nf4_levels()[codes] * absmax, dequantized.flatten(), atol=1e-6)
+    assert torch.allclose(nf4u.nf4_levels()[codes] * absmax, dequantized.flatten(), atol=1e-6)
     delta = torch.randn_like(weight) * absmax.reshape(weight.shape) * 0.02  # some cross a rounding edge, most do not
     again, _ = F.quantize_4bit(dequantized + delta, blocksize=64, quant_type="nf4", compress_statistics=False)
-    bnb_kept = torch.stack([again.flatten() >> 4, again.flatten() & 15], dim=1).flatten()[:weight.numel()].long() == bnb_codes
-    _, _, kept = tf._update_of(weight, delta, tf.NF4Grid.of(tf.nf4_levels()))
+    bnb_kept = (
+        torch.stack([again.flatten() >> 4, again.flatten() & 15], dim=1).flatten()[: weight.numel()].long() == bnb_codes
+    )
+    _, _, kept = nf4u._update_of(weight, delta, nf4u.NF4Grid.of(nf4u.nf4_levels()))
     assert 0 < (~bnb_kept).sum() < weight.numel() // 2 and torch.equal(kept, bnb_kept)
 
 
@@ -82,7 +99,7 @@ def test_adapter_deltas_are_what_peft_merges(tmp_path):
                 p.normal_(0, 0.1)
 
     merged = saved_adapter(base, tmp_path, ["q_proj", "up_proj"], random_b).merge_and_unload()
-    deltas = tf.adapter_deltas(tmp_path)
+    deltas = nf4u.adapter_deltas(tmp_path)
     assert len(deltas) == 4  # 2 layers x 2 targets
     for name, delta in deltas.items():
         change = merged.get_submodule(name).weight - before[name + ".weight"]
@@ -102,7 +119,7 @@ def test_update_against_the_nf4_grid_on_a_known_update(tmp_path):
     column = torch.zeros(128)
     column[list(range(1, 32)) + list(range(65, 96))] = 0.03
     column[list(range(32, 64)) + list(range(96, 128))] = 0.06
-    step = (tf.nf4_levels()[8] - tf.nf4_levels()[7]).item()
+    step = (nf4u.nf4_levels()[8] - nf4u.nf4_levels()[7]).item()
 
     def rank_one(peft_model):
         layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
@@ -112,7 +129,7 @@ def test_update_against_the_nf4_grid_on_a_known_update(tmp_path):
     reference = tiny_llama(layers=1)
     reference.load_state_dict(base.state_dict())
     saved_adapter(base, tmp_path, ["q_proj"], rank_one)
-    study = tf.update_vs_nf4_of(reference, tmp_path)
+    study = nf4u.update_vs_nf4_of(reference, tmp_path)
     (layer,) = study.layers
     assert layer.module == "q_proj" and layer.weights == study.weights == 128 * 128
     assert study.below_half_step == pytest.approx(64 / 128) and study.same_code == pytest.approx(64 / 128)
@@ -120,5 +137,5 @@ def test_update_against_the_nf4_grid_on_a_known_update(tmp_path):
     assert study.zero == 2 * 128 and sum(study.counts) == 126 * 128
     assert study.step_range[0] == pytest.approx(step, abs=1e-3) and study.step_range[1] > 0.25
     assert study.moved == layer.moved == 64 * 128
-    assert tf.update_table(study)[-1]["same 4-bit code after re-rounding"] == "50.000 %"
-    assert "50.000 % of weights are below" in " ".join(a.text for a in tf.update_figure(study).layout.annotations)
+    assert nf4u.update_table(study)[-1]["same 4-bit code after re-rounding"] == "50.000 %"
+    assert "50.000 % of weights are below" in " ".join(a.text for a in nf4u.update_figure(study).layout.annotations)

@@ -13,8 +13,11 @@ import warnings
 
 
 def moved_to(name: str, *homes: str) -> None:
-    warnings.warn(f"{name} moved to {' and '.join(homes)}; the old name goes away in the next release.",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{name} moved to {' and '.join(homes)}; the old name goes away in the next release.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     modules = [importlib.import_module(home) for home in homes]
     if len(modules) == 1:
         sys.modules[name] = modules[0]

@@ -16,13 +16,18 @@ from pathlib import Path
 
 from workbench.core.errors import WorkbenchError
 
+
 def add_sensitivity_parser(sub) -> None:
     """Register the `sensitivity` subcommand on the CLI's subparsers."""
     cmd = sub.add_parser("sensitivity", help="how much quantizing each layer alone hurts the model (KL heatmap)")
     cmd.add_argument("--model", default="bundled", help="short name (bundled), hub id, model folder or .gguf file")
-    cmd.add_argument("--method", default="rtn:bits=3:group_size=64", help="rtn, hqq, bnb-nf4 or bnb-fp4, with :key=value parameters")
+    cmd.add_argument(
+        "--method", default="rtn:bits=3:group_size=64", help="rtn, hqq, bnb-nf4 or bnb-fp4, with :key=value parameters"
+    )
     cmd.add_argument("--tokens", type=int, default=512, help="calibration-text tokens to measure on (default 512)")
-    cmd.add_argument("--unit", default="layer", choices=("layer", "block"), help="quantize one layer or one whole block per cell")
+    cmd.add_argument(
+        "--unit", default="layer", choices=("layer", "block"), help="quantize one layer or one whole block per cell"
+    )
     cmd.add_argument("--blocks", default=None, help="comma-separated block numbers (default: all)")
     cmd.add_argument("--proxy-only", action="store_true", help="only the fast per-layer proxy, no end-to-end KL")
     cmd.add_argument("--trust-remote-code", action="store_true", help="let the model's own Python code run")
@@ -53,8 +58,9 @@ def run_sensitivity_command(args) -> int:
     folder = Path(args.out) / "sensitivity"
     files.check_writable(folder, f"--out {args.out!r}")
     source = models.resolve(args.model, log=log, trust_remote_code=args.trust_remote_code)
-    smap, path = maps.load_or_compute(source, args.method, args.tokens, args.unit, _blocks(args.blocks), folder,
-                                             args.rerun, not args.proxy_only, log)
+    smap, path = maps.load_or_compute(
+        source, args.method, args.tokens, args.unit, _blocks(args.blocks), folder, args.rerun, not args.proxy_only, log
+    )
     field = "proxy" if args.proxy_only else "kl"
     html = path.with_suffix(".html")
     try:

@@ -2,22 +2,21 @@
 
 glibc keeps memory a process frees: after the first large block is freed it raises its
 mmap threshold (up to 32 MiB), so later blocks of that size come from the heap and stay
-resident after they are freed, in holes whose layout changes from run to run. Three
-remedies, measured on the bundled model in fresh workers (2 CPU cores):
+resident after they are freed, in holes whose layout changes from run to run. The same
+method on the same input then peaks at a different memory in every fresh worker, and what
+quantizing freed is counted as the measured method's. Three remedies:
 
-- `release_freed` hands the heap's free memory back between quantizing and measuring: gptq
-  held 1031-1110 MB after quantizing and peaked at 1262-1324 MB above the baseline; after
-  it, 833-845 MB and peaks of 981-1017 MB.
+- `release_freed` hands the heap's free memory back between quantizing and measuring, so
+  the quantizer's leftovers are not counted in the method's peak.
 - `large_blocks_apart` (while measuring on CPU) gives every block of 2 MiB or more its own
   mapping, returned to the system when it is freed: activations, dequantized weights and
-  logit chunks then never leave holes in the heap. bnb-nf4 in five fresh workers in a row
-  peaked at 878-1084 MB above the baseline without it (23% apart, the same code and input),
-  913-943 MB with it (3%). Its price is page faults when such a block is allocated again:
-  perplexity took 1.07x (bnb-nf4), 1.12x (fp32) and 1.34x (rtn) as long, in one process,
-  interleaved. A 1 MiB threshold gave the same spread; 4, 8 and 16 MiB did not help (8 MiB:
-  bnb-nf4 809-1068 MB, rtn 561-1020 MB).
-- `share_one_heap` (workers) makes threads share one heap: rtn (gptqmodel quantizes in a
-  thread pool) then peaked at 512-544 MB in four workers, 550-599 MB with a heap per thread.
+  logit chunks then never leave holes in the heap, so repeated runs of one method peak at
+  nearly the same memory. Its price is page faults when such a block is allocated again,
+  which makes perplexity slower (most for methods that allocate many large blocks). A
+  smaller threshold steadies the peak no better; 4 MiB and above no longer steady it.
+- `share_one_heap` (workers) makes threads share one heap: a quantizer that works in a
+  thread pool (gptqmodel) otherwise leaves freed memory in a heap per thread, which raises
+  its peak and makes it vary more.
 
 Elsewhere (macOS, Windows, musl) they do nothing beyond collecting garbage, and say so.
 """

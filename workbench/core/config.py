@@ -28,7 +28,9 @@ class ModelSpec:
         if not isinstance(self.trust_remote_code, bool):
             raise WorkbenchError(f"trust_remote_code: must be True or False, got {self.trust_remote_code!r}.")
         if not self.name or not self.name.strip():
-            raise WorkbenchError("model: empty name. Give a short name (e.g. 'bundled'), a hub id, a folder or a .gguf file.")
+            raise WorkbenchError(
+                "model: empty name. Give a short name (e.g. 'bundled'), a hub id, a folder or a .gguf file."
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise WorkbenchError(f"device: {self.device!r} is not one of auto, cpu, cuda.")
 
@@ -39,7 +41,9 @@ class ModelSpec:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise WorkbenchError("device: 'cuda' was asked for but no CUDA GPU is visible. Use --device cpu, or in Colab: Runtime -> Change runtime type -> GPU.")
+            raise WorkbenchError(
+                "device: 'cuda' was asked for but no CUDA GPU is visible. Use --device cpu, or in Colab: Runtime -> Change runtime type -> GPU."
+            )
         return self.device
 
 
@@ -69,12 +73,16 @@ class EvalConfig:
         if self.max_length < 8:
             raise WorkbenchError(f"max_length: {self.max_length} is too short to measure perplexity; use 128 or more.")
         if self.stride > self.max_length:
-            raise WorkbenchError(f"stride: {self.stride} is larger than max_length {self.max_length}; tokens would be skipped. Use stride <= max_length.")
+            raise WorkbenchError(
+                f"stride: {self.stride} is larger than max_length {self.max_length}; tokens would be skipped. Use stride <= max_length."
+            )
         if self.max_tokens < 0 or self.decode_tokens < 0:
             raise WorkbenchError("max_tokens and decode_tokens must be 0 or more.")
         if 0 < self.decode_tokens < 8:
-            raise WorkbenchError(f"decode_tokens: {self.decode_tokens} new tokens are too few to time (timer noise dominates); "
-                                 "use 8 or more, or 0 to skip the speed measurement.")
+            raise WorkbenchError(
+                f"decode_tokens: {self.decode_tokens} new tokens are too few to time (timer noise dominates); "
+                "use 8 or more, or 0 to skip the speed measurement."
+            )
 
     def batch_for(self, device: str) -> int:
         return self.batch_size or auto_batch_size(device)
@@ -84,10 +92,9 @@ class EvalConfig:
 
 
 def auto_batch_size(device: str) -> int:
-    """Windows per forward pass when none is asked for. CPU: 4, measured on SmolLM2-135M with
-    windows of 512 on an idle 2-core machine (2,048 tokens, best of 3: batch 1 4.91 s, batch 2
-    4.44 s, batch 4 4.57 s: larger matrix products use the cores better; the logits are computed
-    in 64 MB chunks, so a larger batch costs activations only). CUDA: 16, since a GPU needs many
-    rows in flight to be busy and 16 windows of 512 tokens hold well under 1 GB of activations
-    for models of a few billion parameters."""
+    """Windows per forward pass when none is asked for. CPU: 4, since batching a few windows is
+    faster than one at a time (larger matrix products use the cores better) and more gains
+    little; the logits are computed in 64 MB chunks, so a larger batch costs activations
+    only. CUDA: 16, since a GPU needs many rows in flight to be busy and 16 windows of 512
+    tokens hold well under 1 GB of activations for models of a few billion parameters."""
     return 16 if device == "cuda" else 4

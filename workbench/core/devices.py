@@ -8,8 +8,10 @@ def gpu_banner() -> str:
     import torch
 
     if not torch.cuda.is_available():
-        return ("No CUDA GPU: everything runs on the CPU (fp32 compute), slower but complete. "
-                "In Colab: Runtime -> Change runtime type -> T4 GPU, then run the notebook again.")
+        return (
+            "No CUDA GPU: everything runs on the CPU (fp32 compute), slower but complete. "
+            "In Colab: Runtime -> Change runtime type -> T4 GPU, then run the notebook again."
+        )
     props = torch.cuda.get_device_properties(0)
     major, minor = torch.cuda.get_device_capability(0)
     bf16 = "bf16 supported" if major >= 8 else "no fast bf16 (compute capability < 8.0): fp16 compute is used"

@@ -35,8 +35,10 @@ os.umask(UMASK)
 def describe(exc: OSError) -> tuple[str, str]:
     """(what happened, what to do) for an `OSError` met while writing."""
     if exc.errno in FULL:
-        return ("the disk is full" if exc.errno != errno.EDQUOT else "the disk quota is used up",
-                "free some space or give another folder, then run again")
+        return (
+            "the disk is full" if exc.errno != errno.EDQUOT else "the disk quota is used up",
+            "free some space or give another folder, then run again",
+        )
     if exc.errno == errno.EROFS:
         return "the file system is read-only", "give a folder you can write to"
     if exc.errno in NOT_ALLOWED:
@@ -118,7 +120,9 @@ def check_writable(folder: Path, what: str) -> None:
     folder = Path(folder).expanduser().absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise WorkbenchError(f"{what}: cannot write there ({existing} is a file, not a folder); give a folder you can write to.")
+        raise WorkbenchError(
+            f"{what}: cannot write there ({existing} is a file, not a folder); give a folder you can write to."
+        )
     try:
         if existing == folder:  # the folder itself: try a real write
             fd, name = tempfile.mkstemp(dir=folder, prefix=".workbench-write-test-")
@@ -133,5 +137,7 @@ def check_writable(folder: Path, what: str) -> None:
         raise WorkbenchError(f"{what}: cannot write there ({reason}); {hint}.") from None
     free = shutil.disk_usage(existing).free
     if free < MIN_FREE_BYTES:
-        raise WorkbenchError(f"{what}: the disk is full ({free // 1024} kB free in {existing}); free some space or give "
-                             "another folder, then run again.")
+        raise WorkbenchError(
+            f"{what}: the disk is full ({free // 1024} kB free in {existing}); free some space or give "
+            "another folder, then run again."
+        )

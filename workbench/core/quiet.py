@@ -24,17 +24,23 @@ from typing import Iterator
 
 LIBRARY_LOG = Path("results") / "library.log"
 """Where notebooks and panels send library output (relative to the notebook's folder)."""
-LIBRARIES = ["torch", "transformers", "transformers.modeling_utils", "transformers.generation.utils",
-             "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
-             "transformers.tokenization_utils_tokenizers"]
+LIBRARIES = [
+    "torch",
+    "transformers",
+    "transformers.modeling_utils",
+    "transformers.generation.utils",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.tokenization_utils_tokenizers",
+]
 """The heavy libraries every measurement imports, whatever its method: a notebook's first cell
 imports them (what they print goes to the log), and so does the workers' fork server once
 (transformers loads these submodules lazily: without them each worker spent seconds opening
 the session)."""
 
 # gptqmodel's progress bars (logbar) draw into a notebook through IPython display handles, past
-# every redirect: under pytest (nbval) an in-process rtn quantization of a 2-block model sent 166
-# display messages, and a cell of 447 timed nbval out. Told it is not in a notebook, logbar
+# every redirect: even a tiny model's quantization sends hundreds of display messages, enough to
+# make a notebook cell under nbval time out. Told it is not in a notebook, logbar
 # writes to stdout, which `library_output` sends to the log.
 os.environ.setdefault("LOGBAR_DISABLE_NOTEBOOK_DETECTION", "1")
 
@@ -66,8 +72,11 @@ def library_output(path: Path) -> Iterator[Path]:
 def _redirected(log) -> Iterator[None]:
     consoles = [stream for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if stream is not None]
     # handlers that kept a console stream from when they were made (transformers' does)
-    handlers = [h for h in _all_handlers() if isinstance(h, logging.StreamHandler) and "stream" in vars(h)
-                and h.stream in consoles]
+    handlers = [
+        h
+        for h in _all_handlers()
+        if isinstance(h, logging.StreamHandler) and "stream" in vars(h) and h.stream in consoles
+    ]
     for stream in consoles:
         with contextlib.suppress(Exception):
             stream.flush()
@@ -109,8 +118,9 @@ class _Once(logging.Filter):
 
 
 def _all_handlers() -> list[logging.Handler]:
-    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(logger, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+    ]
     return [handler for logger in loggers for handler in logger.handlers]
 
 

@@ -58,35 +58,58 @@ class FinetuneConfig:
     def __post_init__(self):
         method, _ = methods.parse_choice(self.base)  # raises for unknown names and bad parameters
         refuse_untrainable(method)
-        for name, minimum in (("r", 1), ("alpha", 1), ("max_steps", 1), ("batch_size", 1), ("grad_accum", 1),
-                              ("max_seq_len", 16), ("seed", 0), ("max_new_tokens", 0)):
+        for name, minimum in (
+            ("r", 1),
+            ("alpha", 1),
+            ("max_steps", 1),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("max_seq_len", 16),
+            ("seed", 0),
+            ("max_new_tokens", 0),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise WorkbenchError(f"finetune {name}: must be an integer >= {minimum}, got {value!r}.")
         if not isinstance(self.gradient_checkpointing, bool):
-            raise WorkbenchError(f"finetune gradient_checkpointing: must be True or False, got {self.gradient_checkpointing!r}.")
+            raise WorkbenchError(
+                f"finetune gradient_checkpointing: must be True or False, got {self.gradient_checkpointing!r}."
+            )
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise WorkbenchError(f"finetune dropout: must be in [0, 1), got {self.dropout!r}; 0.05 is usual.")
         if not isinstance(self.learning_rate, (int, float)) or not 0 < self.learning_rate <= 0.1:
-            raise WorkbenchError(f"finetune learning_rate: must be in (0, 0.1], got {self.learning_rate!r}; LoRA usually uses 1e-4 to 1e-3.")
+            raise WorkbenchError(
+                f"finetune learning_rate: must be in (0, 0.1], got {self.learning_rate!r}; LoRA usually uses 1e-4 to 1e-3."
+            )
         if self.target_modules is not None:
             targets = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
             if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
-                raise WorkbenchError(f"finetune target_modules: give layer names such as ['q_proj', 'v_proj'], or None for all; got {self.target_modules!r}.")
+                raise WorkbenchError(
+                    f"finetune target_modules: give layer names such as ['q_proj', 'v_proj'], or None for all; got {self.target_modules!r}."
+                )
             object.__setattr__(self, "target_modules", targets)
         template = self.prompt_template
-        if template is not None and not (template.count("{instruction}") == 1 and template.count("{response}") == 1
-                                         and template.index("{instruction}") < template.index("{response}")):
-            raise WorkbenchError("finetune prompt_template: must contain {instruction} once and then {response} once, "
-                                 f"e.g. {PLAIN_TEMPLATE!r}; or None for the tokenizer's chat template.")
+        if template is not None and not (
+            template.count("{instruction}") == 1
+            and template.count("{response}") == 1
+            and template.index("{instruction}") < template.index("{response}")
+        ):
+            raise WorkbenchError(
+                "finetune prompt_template: must contain {instruction} once and then {response} once, "
+                f"e.g. {PLAIN_TEMPLATE!r}; or None for the tokenizer's chat template."
+            )
         if self.data_path is not None:
             path = Path(self.data_path).expanduser()
             if not (path.is_dir() or (path.is_file() and path.suffix in (".jsonl", ".csv"))):
-                raise WorkbenchError(f"finetune data_path {self.data_path!r}: not a folder or a .jsonl/.csv file. "
-                                     "Give a file with instruction and response columns, or None for the bundled set.")
+                raise WorkbenchError(
+                    f"finetune data_path {self.data_path!r}: not a folder or a .jsonl/.csv file. "
+                    "Give a file with instruction and response columns, or None for the bundled set."
+                )
             if path.is_dir() and not (path / "train.jsonl").is_file():
-                raise WorkbenchError(f"finetune data_path {self.data_path!r}: the folder has no train.jsonl. A data folder holds "
-                                     "train.jsonl (and optionally heldout.jsonl, prompts.json); or give one .jsonl/.csv file.")
+                raise WorkbenchError(
+                    f"finetune data_path {self.data_path!r}: the folder has no train.jsonl. A data folder holds "
+                    "train.jsonl (and optionally heldout.jsonl, prompts.json); or give one .jsonl/.csv file."
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +122,7 @@ class FinetuneConfig:
 
 def refuse_untrainable(method) -> None:
     if not method.trainable:
-        raise WorkbenchError(f"{method.name}: PEFT cannot train LoRA adapters on this method's weights "
-                             f"(family {method.family}). Pick bnb-nf4 (QLoRA), bnb-int8, hqq, torchao-int8 or fp32 as the base.")
-
+        raise WorkbenchError(
+            f"{method.name}: PEFT cannot train LoRA adapters on this method's weights "
+            f"(family {method.family}). Pick bnb-nf4 (QLoRA), bnb-int8, hqq, torchao-int8 or fp32 as the base."
+        )

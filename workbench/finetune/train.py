@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from workbench.sources import data as texts
-from workbench.core import files
-from workbench.metrics import memory, perplexity
 from workbench import methods
-from workbench.sources import models, remote_code
+from workbench.core import files
 from workbench.core.errors import WorkbenchError
 from workbench.finetune.config import CONFIG_FILE, FinetuneConfig, refuse_untrainable
 from workbench.finetune.data import collate, encode, split_example
+from workbench.metrics import memory, perplexity
+from workbench.sources import data as texts
+from workbench.sources import models, remote_code
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,11 @@ def heldout_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) 
     device = next(model.parameters()).device
     nll, count, make = 0.0, 0, collate(pad_id)
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in make(examples[start:start + batch_size]).items()}
+        batch = {k: v.to(device) for k, v in make(examples[start : start + batch_size]).items()}
         with torch.no_grad():  # not inference_mode: quanto's kernels fail under it
-            batch_nll, batch_count = perplexity.model_nll_sum(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+            batch_nll, batch_count = perplexity.model_nll_sum(
+                model, batch["input_ids"], batch["labels"], batch["attention_mask"]
+            )
         nll, count = nll + batch_nll, count + batch_count
     return nll / count
 
@@ -64,9 +66,14 @@ def generate(model, tokenizer, template: str | None, instructions: list[str], ma
         prompt, _ = split_example(tokenizer, template, instruction)
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return tuple(answers)
 
 
@@ -76,11 +83,14 @@ def evaluate(model, tokenizer, config: FinetuneConfig, heldout: list[dict], prom
     loss = heldout_loss(model, heldout, tokenizer.pad_token_id)
     texts = ()
     if config.max_new_tokens:
-        texts = generate(model, tokenizer, config.prompt_template, [p["instruction"] for p in prompts], config.max_new_tokens)
+        texts = generate(
+            model, tokenizer, config.prompt_template, [p["instruction"] for p in prompts], config.max_new_tokens
+        )
     return Evaluation(loss, math.exp(loss), texts)
 
 
 # ---------------------------------------------------------------------------- model
+
 
 def prepare_base(source: models.ModelSource, choice: str, device: str, gradient_checkpointing: bool = False, log=print):
     """The base built by the runner (`runner.build`, as for any measurement), then prepared for
@@ -109,10 +119,18 @@ def attach_lora(model, config: FinetuneConfig):
     targets = config.target_modules or available
     unknown = sorted(set(targets) - set(available))
     if unknown:
-        raise WorkbenchError(f"finetune target_modules: {', '.join(unknown)} not found in this model; its block layers are {', '.join(available)}.")
+        raise WorkbenchError(
+            f"finetune target_modules: {', '.join(unknown)} not found in this model; its block layers are {', '.join(available)}."
+        )
     torch.manual_seed(config.seed)  # LoRA's A matrices are initialised at random
-    lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(targets),
-                      bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
@@ -124,6 +142,7 @@ def parameter_counts(model) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- training
+
 
 def _callback(on_loss, should_stop, losses: list, stopped: list):
     from transformers import TrainerCallback
@@ -149,13 +168,23 @@ def _checkpointing_args(arguments_class, enabled: bool) -> dict:
     (5.23 renamed them `activation_checkpointing*`; Colab's 5.15 may predate that)."""
     if not enabled:
         return {}
-    name = "activation_checkpointing" if "activation_checkpointing" in arguments_class.__dataclass_fields__ else "gradient_checkpointing"
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in arguments_class.__dataclass_fields__
+        else "gradient_checkpointing"
+    )
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
-def train(model, tokenizer, examples: list[dict], config: FinetuneConfig, device: str,
-          on_loss: Callable[[int, float], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> tuple[list[tuple[int, float]], bool]:
+def train(
+    model,
+    tokenizer,
+    examples: list[dict],
+    config: FinetuneConfig,
+    device: str,
+    on_loss: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[list[tuple[int, float]], bool]:
     """Train the adapters with `Trainer`; returns the (step, loss) log and whether Stop ended it early."""
     import torch
     from transformers import Trainer, TrainingArguments
@@ -165,16 +194,33 @@ def train(model, tokenizer, examples: list[dict], config: FinetuneConfig, device
     cuda = device == "cuda"
     bf16 = cuda and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
-        output_dir=str(scratch), max_steps=config.max_steps, learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        **_checkpointing_args(TrainingArguments, config.gradient_checkpointing), seed=config.seed, data_seed=config.seed,
+        output_dir=str(scratch),
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        **_checkpointing_args(TrainingArguments, config.gradient_checkpointing),
+        seed=config.seed,
+        data_seed=config.seed,
         optim="paged_adamw_8bit" if cuda else "adamw_torch",  # paged 8-bit Adam needs CUDA
-        bf16=bf16, fp16=cuda and not bf16, use_cpu=not cuda, report_to=[], save_strategy="no", logging_steps=1,
-        disable_tqdm=True, remove_unused_columns=False, dataloader_pin_memory=False,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
     )
     losses, stopped = [], []
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate(tokenizer.pad_token_id),
-                      callbacks=[_callback(on_loss or (lambda step, loss: None), should_stop or (lambda: False), losses, stopped)])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        data_collator=collate(tokenizer.pad_token_id),
+        callbacks=[_callback(on_loss or (lambda step, loss: None), should_stop or (lambda: False), losses, stopped)],
+    )
     trainer.remove_callback(PrinterCallback)  # losses go to on_loss; keep stdout clean for the CLI
     try:
         trainer.train()
@@ -219,9 +265,14 @@ class Finetuned:
     tokenizer: object
 
 
-def finetune(source: models.ModelSource, config: FinetuneConfig, device: str = "cpu",
-             on_loss: Callable[[int, float], None] | None = None, should_stop: Callable[[], bool] | None = None,
-             log: Callable[[str], None] = print) -> Finetuned:
+def finetune(
+    source: models.ModelSource,
+    config: FinetuneConfig,
+    device: str = "cpu",
+    on_loss: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] = print,
+) -> Finetuned:
     """Load the base, attach LoRA, evaluate, train, evaluate again, save the adapter."""
     remote_code.check(source)  # before the tokenizer: no code shipped with the model runs unless trusted
     if config.output_dir:  # found now, not after training with the adapter lost
@@ -231,7 +282,9 @@ def finetune(source: models.ModelSource, config: FinetuneConfig, device: str = "
     train_set = encode(tokenizer, config.prompt_template, train_rows, config.max_seq_len)
     heldout = encode(tokenizer, config.prompt_template, heldout_rows, config.max_seq_len)
     model = attach_lora(prepare_base(source, config.base, device, config.gradient_checkpointing, log), config)
-    log(f"[finetune] {config.base} + LoRA r={config.r}: {parameter_counts(model)[0]:,} trainable parameters; evaluating before training...")
+    log(
+        f"[finetune] {config.base} + LoRA r={config.r}: {parameter_counts(model)[0]:,} trainable parameters; evaluating before training..."
+    )
     before = evaluate(model, tokenizer, config, heldout, prompts)
     with memory.PeakMemory(device) as peak:
         start = time.perf_counter()
@@ -242,16 +295,37 @@ def finetune(source: models.ModelSource, config: FinetuneConfig, device: str = "
     adapter_dir = save_adapter(model, config)
     steps = losses[-1][0] if losses else 0
     report = FinetuneReport(
-        source.label, config.base, config.to_dict(), tuple(losses), steps, stopped, before.heldout_loss, after.heldout_loss,
-        before.heldout_ppl, after.heldout_ppl, tuple(p["instruction"] for p in prompts), tuple(p["response"] for p in prompts),
-        before.generations, after.generations, *parameter_counts(model), train_s, train_s / max(steps, 1),
-        peak.peak_bytes, peak.kind, str(adapter_dir))
+        source.label,
+        config.base,
+        config.to_dict(),
+        tuple(losses),
+        steps,
+        stopped,
+        before.heldout_loss,
+        after.heldout_loss,
+        before.heldout_ppl,
+        after.heldout_ppl,
+        tuple(p["instruction"] for p in prompts),
+        tuple(p["response"] for p in prompts),
+        before.generations,
+        after.generations,
+        *parameter_counts(model),
+        train_s,
+        train_s / max(steps, 1),
+        peak.peak_bytes,
+        peak.kind,
+        str(adapter_dir),
+    )
     return Finetuned(report, model, tokenizer)
 
 
 def save_adapter(model, config: FinetuneConfig) -> Path:
     """Adapter weights plus the config that made them (reload and merge read it back)."""
-    root = Path(config.output_dir).expanduser() if config.output_dir else Path(tempfile.mkdtemp(prefix="workbench-finetune-"))
+    root = (
+        Path(config.output_dir).expanduser()
+        if config.output_dir
+        else Path(tempfile.mkdtemp(prefix="workbench-finetune-"))
+    )
     folder = root / "adapter"
     try:
         model.save_pretrained(folder)

@@ -3,5 +3,16 @@
 from workbench.methods.base import Method, Param, QuantizeRequest
 from workbench.methods.registry import REGISTRY, Choice, available, get, parse, parse_choice, register, unregister
 
-__all__ = ["Method", "Param", "QuantizeRequest", "REGISTRY", "Choice", "register", "unregister", "get", "available",
-           "parse", "parse_choice"]
+__all__ = [
+    "Method",
+    "Param",
+    "QuantizeRequest",
+    "REGISTRY",
+    "Choice",
+    "register",
+    "unregister",
+    "get",
+    "available",
+    "parse",
+    "parse_choice",
+]

@@ -8,22 +8,53 @@ gptqmodel 7.6 keeps only the last batch when texts differ in length, which ruins
 from __future__ import annotations
 
 from workbench.methods.base import Method, Param
-from workbench.methods.gptq import BLOCK_TOKENS, GROUP, NO_MERGE, PIP, SAMPLES, packed_storage, save_checkpoint, quantize_with_gptqmodel, reload_quantized
+from workbench.methods.gptq import (
+    BLOCK_TOKENS,
+    GROUP,
+    NO_MERGE,
+    PIP,
+    SAMPLES,
+    packed_storage,
+    quantize_with_gptqmodel,
+    reload_quantized,
+    save_checkpoint,
+)
 
 
 def _quantize(request):
     from gptqmodel import QuantizeConfig
     from gptqmodel.quantization import FORMAT, METHOD
 
-    config = QuantizeConfig(bits=4, group_size=request.params["group_size"], sym=not request.params["zero_point"],
-                            quant_method=METHOD.AWQ, format=FORMAT.GEMM)
+    config = QuantizeConfig(
+        bits=4,
+        group_size=request.params["group_size"],
+        sym=not request.params["zero_point"],
+        quant_method=METHOD.AWQ,
+        format=FORMAT.GEMM,
+    )
     return quantize_with_gptqmodel(request, "awq", config, backend="awq_torch" if request.device == "cpu" else None)
 
 
-METHODS = (Method(
-    name="awq", family="awq", bits=4, needs_calibration=True, backend="gptqmodel", pip=PIP, trainable=True,
-    summary="AWQ: scales the weight channels that meet large activations before rounding, from calibration data.",
-    params=(GROUP, Param("zero_point", False, "Asymmetric groups with a zero point."), SAMPLES, BLOCK_TOKENS),
-    quantize=_quantize, save=save_checkpoint, reload=reload_quantized, kernel="gptqmodel", storage=packed_storage, merge_refusal=NO_MERGE,
-    limits=("LoRA adapters train on it but cannot be merged into it.", "Slow on CPU: several minutes for a 135M model."),
-),)
+METHODS = (
+    Method(
+        name="awq",
+        family="awq",
+        bits=4,
+        needs_calibration=True,
+        backend="gptqmodel",
+        pip=PIP,
+        trainable=True,
+        summary="AWQ: scales the weight channels that meet large activations before rounding, from calibration data.",
+        params=(GROUP, Param("zero_point", False, "Asymmetric groups with a zero point."), SAMPLES, BLOCK_TOKENS),
+        quantize=_quantize,
+        save=save_checkpoint,
+        reload=reload_quantized,
+        kernel="gptqmodel",
+        storage=packed_storage,
+        merge_refusal=NO_MERGE,
+        limits=(
+            "LoRA adapters train on it but cannot be merged into it.",
+            "Slow on CPU: several minutes for a 135M model.",
+        ),
+    ),
+)

@@ -39,7 +39,9 @@ class Param:
             else:
                 value = kind(value)
         except (TypeError, ValueError):
-            raise WorkbenchError(f"{method}: parameter {self.name}={value!r} is not a {kind.__name__}. {self.help}") from None
+            raise WorkbenchError(
+                f"{method}: parameter {self.name}={value!r} is not a {kind.__name__}. {self.help}"
+            ) from None
         if isinstance(value, float) and not math.isfinite(value):
             raise WorkbenchError(f"{method}: parameter {self.name}={value!r} must be a finite number. {self.help}")
         if self.choices and value not in self.choices:
@@ -199,7 +201,9 @@ class Method:
             "trainable": self.trainable,
             "mergeable": self.trainable and self.merge_refusal is None,
             "serializable": self.serializable,
-            "params": [{"name": p.name, "default": p.default, "choices": list(p.choices), "help": p.help} for p in self.params],
+            "params": [
+                {"name": p.name, "default": p.default, "choices": list(p.choices), "help": p.help} for p in self.params
+            ],
             "limits": list(self.limits),
         }
 
@@ -234,7 +238,11 @@ class Choice:
 
     def _changed(self) -> list[str]:
         """`key=value` for each parameter that differs from its default."""
-        return [f"{p.name}={self.params[p.name]}" for p in self.method.params if self.params.get(p.name, p.default) != p.default]
+        return [
+            f"{p.name}={self.params[p.name]}"
+            for p in self.method.params
+            if self.params.get(p.name, p.default) != p.default
+        ]
 
     @property
     def label(self) -> str:

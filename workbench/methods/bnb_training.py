@@ -33,7 +33,8 @@ def guard_cpu_repacking(model) -> None:
         layer.support_avx512bf16_for_cpu = False  # the only switch `Linear4bit.forward` reads before repacking
         if _is_packed(layer):
             layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                layer.weight.data, layer.weight.quant_state)
+                layer.weight.data, layer.weight.quant_state
+            )
 
 
 def cpu_repacking_guarded(model) -> bool:
@@ -47,5 +48,6 @@ def prepare_for_training(model, gradient_checkpointing: bool):
     from peft import prepare_model_for_kbit_training
 
     guard_cpu_repacking(model)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )

@@ -45,7 +45,9 @@ def get(name: str) -> Method:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise WorkbenchError(f"unknown method {name!r}. Known methods: {', '.join(REGISTRY)} (list them with `python -m workbench methods`).") from None
+        raise WorkbenchError(
+            f"unknown method {name!r}. Known methods: {', '.join(REGISTRY)} (list them with `python -m workbench methods`)."
+        ) from None
 
 
 def available(device: str | None = None) -> list[tuple[Method, str | None]]:
@@ -64,11 +66,12 @@ def parse(text: str, adapter: str | None = None) -> Choice:
             raise WorkbenchError(f"{text!r}: parameters are written name:key=value:key=value, got {pair!r}.")
         overrides[key] = value
     # An absolute folder: a worker process runs elsewhere (its own scratch working directory).
-    return Choice(method, method.resolve_params(overrides), str(Path(adapter).expanduser().resolve()) if adapter else None)
+    return Choice(
+        method, method.resolve_params(overrides), str(Path(adapter).expanduser().resolve()) if adapter else None
+    )
 
 
 def parse_choice(text: str) -> tuple[Method, dict]:
     """(method, validated params) of a choice string."""
     choice = parse(text)
     return choice.method, choice.params
-

@@ -32,10 +32,11 @@ estimate is raised to the lumped-tail lower bound
 
 (r_Q: the model's mass outside the reference's top k; the tail seen as a single outcome, a
 lower bound of the exact KL by the log-sum inequality), which only moves it closer to the
-exact value. Measured on SmolLM2-135M (255 tokens of the built-in text, bnb-int8, bnb-nf4,
-quanto-int2): the lumped bound alone underestimates the mean KL by 9-17% at k = 64 (21-23%
-at k = 32: a small model's tail holds 10-14% of the mass); the estimate is within about 1%
-of the exact mean KL and 6% of its 99th percentile. tests/test_divergence.py checks this.
+exact value. The sampled tail term matters: a small model's tail holds a tenth of the mass
+or more, so the lumped bound alone underestimates the mean KL by roughly a tenth to a fifth
+at k = 64 (more at smaller k), while the estimate stays within about 1% of the exact mean KL
+and a few percent of its 99th percentile. tests/test_divergence.py checks the estimate
+against the exact KL on a real model.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ FORMAT = 1
 SEED = 0
 BLOCK_ROWS = 32
 """Scored positions per step of the KL statistics: 32 x 49,152 fp32 temporaries are 6 MB, where a
-whole 64 MB logit chunk per temporary added 128 MB to the peak memory of every evaluation."""
+whole 64 MB logit chunk per temporary would add 128 MB to the peak memory of every evaluation."""
 REFERENCES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """The unquantized method that loads a model in each compute dtype (`workbench.methods.baseline`)."""
 TENSORS = ("targets", "top_ids", "top_logp", "tail_logp", "sample_ids", "sample_logp")
@@ -98,6 +99,10 @@ class Stats:
     """Share of scored tokens whose reference top-1 token is also the model's top-1 (0..1)."""
     n_tokens: int
 
+    def result_fields(self) -> dict:
+        """The `Result` fields this metric fills."""
+        return {"kl_mean": self.kl_mean, "kl_p99": self.kl_p99, "top1_agreement": self.top1_agreement}
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -124,8 +129,10 @@ class Reference:
         from safetensors.torch import save
 
         stored = {name: getattr(self, name).cpu() for name in TENSORS}
-        data = save({name: (tensor.int() if name in IDS else tensor).contiguous() for name, tensor in stored.items()},
-                    metadata={"format": str(FORMAT), "key": json.dumps(key, sort_keys=True)})
+        data = save(
+            {name: (tensor.int() if name in IDS else tensor).contiguous() for name, tensor in stored.items()},
+            metadata={"format": str(FORMAT), "key": json.dumps(key, sort_keys=True)},
+        )
         temp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,11 +161,15 @@ class Reference:
                 tensors = {name: stored.get_tensor(name) for name in TENSORS}
             tensors = {name: tensor.long() if name in IDS else tensor for name, tensor in tensors.items()}
         except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise WorkbenchError(f"{path}: the reference distributions cannot be read ({type(exc).__name__}: "
-                                 f"{str(exc)[:120]}); delete the file and measure the reference again.") from None
+            raise WorkbenchError(
+                f"{path}: the reference distributions cannot be read ({type(exc).__name__}: "
+                f"{str(exc)[:120]}); delete the file and measure the reference again."
+            ) from None
         if metadata.get("key") != json.dumps(key, sort_keys=True):
-            raise WorkbenchError(f"{path}: these reference distributions were saved for another model, text or "
-                                 "protocol; delete the file and measure the reference again.")
+            raise WorkbenchError(
+                f"{path}: these reference distributions were saved for another model, text or "
+                "protocol; delete the file and measure the reference again."
+            )
         return cls(**tensors)
 
 
@@ -192,8 +203,11 @@ def record(logp, targets, generator) -> Reference:
     samples = TAIL_SAMPLES if vocab > TOP_K else 0
     weights = (tail - tail_logp[:, None]).exp().nan_to_num(0.0)
     weights[weights.sum(-1) == 0] = 1.0  # a row with no tail mass: any draw, its term is multiplied by 0
-    sample_ids = torch.multinomial(weights, samples, replacement=True, generator=generator) if samples \
+    sample_ids = (
+        torch.multinomial(weights, samples, replacement=True, generator=generator)
+        if samples
         else torch.zeros(len(logp), 0, dtype=torch.long, device=logp.device)
+    )
     return Reference(targets, top_ids, top_logp, tail_logp, sample_ids, logp.gather(1, sample_ids))
 
 
@@ -226,7 +240,7 @@ class Divergence:
         if self.reference is None and self.generator is None:
             self.generator = torch.Generator(device=logp.device).manual_seed(SEED)
         for start in range(0, len(targets), BLOCK_ROWS):
-            block, block_targets = logp[start:start + BLOCK_ROWS], targets[start:start + BLOCK_ROWS]
+            block, block_targets = (logp[start : start + BLOCK_ROWS], targets[start : start + BLOCK_ROWS])
             if self.reference is None:
                 rows = record(block, block_targets, self.generator)
                 self.recorded.append(rows)
@@ -241,12 +255,16 @@ class Divergence:
         are the same tokens: a mismatch means they were recorded on other tokens or windows."""
         start, stop = self.position, self.position + len(targets)
         if stop > len(self.reference):
-            raise WorkbenchError(f"KL: this evaluation scores more tokens than the reference distributions hold "
-                                 f"({len(self.reference)}); they were recorded under another protocol. Measure the reference again.")
+            raise WorkbenchError(
+                f"KL: this evaluation scores more tokens than the reference distributions hold "
+                f"({len(self.reference)}); they were recorded under another protocol. Measure the reference again."
+            )
         rows = self.reference.rows(start, stop).to(targets.device)
         if not bool((rows.targets == targets).all()):
-            raise WorkbenchError(f"KL: scored tokens {start}-{stop - 1} are not the tokens the reference distributions "
-                                 "were recorded on (another text, tokenizer or window layout); measure the reference again.")
+            raise WorkbenchError(
+                f"KL: scored tokens {start}-{stop - 1} are not the tokens the reference distributions "
+                "were recorded on (another text, tokenizer or window layout); measure the reference again."
+            )
         self.position = stop
         return rows
 
@@ -255,8 +273,10 @@ class Divergence:
         import torch
 
         if self.reference is not None and self.position != len(self.reference):
-            raise WorkbenchError(f"KL: {self.position} tokens were scored but the reference distributions hold "
-                                 f"{len(self.reference)}; they were recorded under another protocol. Measure the reference again.")
+            raise WorkbenchError(
+                f"KL: {self.position} tokens were scored but the reference distributions hold "
+                f"{len(self.reference)}; they were recorded under another protocol. Measure the reference again."
+            )
         kl, same = torch.cat(self.kl), torch.cat(self.same)
         return Stats(kl.mean().item(), torch.quantile(kl, 0.99).item(), same.double().mean().item(), len(kl))
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from typing import Iterable
+
 from workbench.core.allocator import LARGE_BLOCK_BYTES
 from workbench.sources.models import block_linears
+
 
 @dataclass(frozen=True)
 class Storage:
@@ -19,6 +21,10 @@ class Storage:
     bits_per_weight: float | None
     """Mean stored bits per block-linear weight (scales, zeros and adapters included)."""
     kernel: str
+
+    def result_fields(self) -> dict:
+        """The `Result` fields this metric fills."""
+        return {"weight_bytes": self.weight_bytes, "bits_per_weight": self.bits_per_weight}
 
 
 def _leaf_tensors(tensor) -> Iterable:
@@ -114,6 +120,15 @@ class PeakMemory:
     @property
     def above_baseline_bytes(self) -> int:
         return max(self.peak_bytes - self.baseline_bytes, 0)
+
+    def result_fields(self) -> dict:
+        """The `Result` fields this metric fills."""
+        return {
+            "peak_bytes": self.peak_bytes,
+            "peak_above_baseline_bytes": self.above_baseline_bytes,
+            "peak_reserved_bytes": self.reserved_bytes,
+            "peak_kind": self.kind,
+        }
 
     def __enter__(self):
         if self.device == "cuda":

@@ -13,13 +13,14 @@ import math
 import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable
+
 from workbench.core.errors import WorkbenchError
 
 LOGITS_CHUNK_ELEMENTS = 2**24
 """Logits computed at once when scoring (64 MB in fp32): the full batch's logits (4 x 512 x 49,152 fp32
-= 400 MB, and as much again for their log-softmax) dominated the peak memory of every method. Not
-smaller: the output head on 85-row chunks (16 MB) took 2.5 s where one product took 1.5 s, on
-341-row chunks 1.7 s (2,048 positions of SmolLM2's head, 2 CPU cores)."""
+= 400 MB, and as much again for their log-softmax) would dominate the peak memory of every method.
+Not smaller: the output head then runs as many small matrix products, which use a CPU's cores
+less well than a few large ones, and scoring gets markedly slower."""
 
 
 def nll_sum(logits, labels, divergence=None) -> tuple[float, int]:
@@ -43,7 +44,9 @@ def model_nll_sum(model, input_ids, labels, attention_mask=None, divergence=None
     (logit scaling or soft-capping) are found by `_plain_head` and scored from full logits."""
     parts = _plain_head(model, input_ids, attention_mask)
     if parts is None:
-        return nll_sum(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, labels, divergence)
+        return nll_sum(
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, labels, divergence
+        )
     decoder, head = parts
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     targets = labels[:, 1:]
@@ -54,11 +57,9 @@ def model_nll_sum(model, input_ids, labels, attention_mask=None, divergence=None
 def _score_rows(rows, targets, divergence=None, head=None) -> tuple[float, int]:
     """Summed NLL of `targets` over `rows` (logits, or hidden states when `head` is given),
     LOGITS_CHUNK_ELEMENTS logits at a time, into one buffer reused from chunk to chunk: on CPU a
-    fresh 64 MB block costs its page faults every time (head and loss on 2,048 positions of
-    SmolLM2, 2 cores: 1.03 s in fresh blocks, 0.86 s reusing them; the head alone as one
-    product 0.82 s). A plain head writes its logits into the buffer and the log-softmax
-    overwrites them there (eight windows of 512: 2.4% faster than into a second buffer, and
-    64 MB less). With gradients on, fresh blocks. The log-softmax is shared with the KL
+    fresh 64 MB block costs its page faults every time, enough to slow scoring noticeably. A
+    plain head writes its logits into the buffer and the log-softmax overwrites them there
+    (a little faster than into a second buffer, and 64 MB less). With gradients on, fresh blocks. The log-softmax is shared with the KL
     (`divergence`)."""
     import torch
 
@@ -69,7 +70,7 @@ def _score_rows(rows, targets, divergence=None, head=None) -> tuple[float, int]:
     head_into_buffer = reuse and _plain_linear_on_cpu(head, rows)
     total = 0.0
     for start in range(0, len(targets), step):
-        chunk, chunk_targets = rows[start:start + step], targets[start:start + step]
+        chunk, chunk_targets = rows[start : start + step], targets[start : start + step]
         n = len(chunk_targets)
         if head_into_buffer:
             logits = torch.matmul(chunk, head.weight.t(), out=buffer[:n])
@@ -87,9 +88,14 @@ def _plain_linear_on_cpu(head, rows) -> bool:
     `nn.Linear`, no bias, no hooks), so that it can be written into a reused buffer."""
     import torch
 
-    return (type(head) is torch.nn.Linear and head.bias is None and rows.device.type == "cpu"
-            and head.weight.dtype == rows.dtype == torch.float32 and head.weight.device.type == "cpu"
-            and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook")))
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and rows.device.type == "cpu"
+        and head.weight.dtype == rows.dtype == torch.float32
+        and head.weight.device.type == "cpu"
+        and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+    )
 
 
 _HEAD_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -99,15 +105,16 @@ def _plain_head(model, input_ids, attention_mask):
     """(decoder, head) when the model's logits are `head(decoder(...)[0])`, checked once per model
     on the first 16 tokens of the first row; None otherwise."""
     if model not in _HEAD_CHECKED:
-        _HEAD_CHECKED[model] = _check_plain_head(model, input_ids[:1, :16],
-                                                 None if attention_mask is None else attention_mask[:1, :16])
+        _HEAD_CHECKED[model] = _check_plain_head(
+            model, input_ids[:1, :16], None if attention_mask is None else attention_mask[:1, :16]
+        )
     return _HEAD_CHECKED[model]
 
 
 def _check_plain_head(model, ids, mask):
     import torch
 
-    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    get_decoder, get_head = (getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None))
     if get_decoder is None or get_head is None:
         return None
     decoder, head = get_decoder(), get_head()
@@ -131,6 +138,10 @@ class Perplexity:
     stride: int
     """The step actually used (may be smaller than asked: see `windows`)."""
     bos: bool
+
+    def result_fields(self) -> dict:
+        """The `Result` fields this metric fills."""
+        return {"ppl": self.ppl}
 
     def protocol(self, text_name: str) -> dict:
         fields = asdict(self)
@@ -159,9 +170,16 @@ def windows(n: int, max_length: int, stride: int, bos: bool) -> tuple[list[tuple
         begin += step
 
 
-def perplexity(model, token_ids: list[int], max_length: int, stride: int, batch_size: int = 4,
-               bos_token_id: int | None = None, progress: Callable[[int, int], None] | None = None,
-               divergence=None) -> Perplexity:
+def perplexity(
+    model,
+    token_ids: list[int],
+    max_length: int,
+    stride: int,
+    batch_size: int = 4,
+    bos_token_id: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    divergence=None,
+) -> Perplexity:
     """Sliding-window perplexity of `model` on `token_ids`, batched over equal-length windows.
     `divergence` (a `divergence.Divergence`) collects KL against the reference in the same pass;
     the windows fix the order of the scored tokens, so two runs with one protocol line up.
@@ -191,8 +209,10 @@ def perplexity(model, token_ids: list[int], max_length: int, stride: int, batch_
             progress(done, len(spans))
     ppl = math.exp(total / n_scored) if math.isfinite(total) and total / n_scored < 700 else math.inf
     if not math.isfinite(ppl):
-        raise WorkbenchError(f"perplexity is not finite (mean NLL {total / n_scored:.4g} nats over {n_scored} tokens): "
-                             "the quantized model's outputs overflowed or collapsed, so there is no number to report.")
+        raise WorkbenchError(
+            f"perplexity is not finite (mean NLL {total / n_scored:.4g} nats over {n_scored} tokens): "
+            "the quantized model's outputs overflowed or collapsed, so there is no number to report."
+        )
     return Perplexity(ppl, total, n_scored, len(spans), max_length, step, bos)
 
 

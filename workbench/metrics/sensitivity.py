@@ -41,12 +41,13 @@ FakeQuantize = Callable[[object], object]
 
 UNITS = ("layer", "block")
 KL_CHUNK_TOKENS = 512
-"""Positions whose logits are held at once (512 x 49,152 fp32 = 100 MB): chunks of 128 made the
-210-cell SmolLM2 map 189 s instead of 173 s (smaller products use the cores less well)."""
+"""Positions whose logits are held at once (512 x 49,152 fp32 = 100 MB): not smaller, since
+smaller matrix products use a CPU's cores less well and make the map slower to build."""
 SCHEMA = 1
 
 
 # ---------------------------------------------------------------------------- the map
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -145,7 +146,9 @@ def cells_of(model, unit: str = "layer", blocks: list[int] | None = None) -> lis
     wanted = sorted(by_block) if blocks is None else list(blocks)
     missing = [b for b in wanted if b not in by_block]
     if missing:
-        raise WorkbenchError(f"sensitivity map: block(s) {missing} do not exist; the model has blocks 0-{max(by_block)}.")
+        raise WorkbenchError(
+            f"sensitivity map: block(s) {missing} do not exist; the model has blocks 0-{max(by_block)}."
+        )
     cells = []
     for b in wanted:
         layers = by_block[b]
@@ -170,8 +173,16 @@ def map_tokens(tokenizer, tokens: int) -> tuple[data.Text, list[int]]:
     return text, data.calibration_blocks(tokenizer, 1, tokens, text)[0]
 
 
-def compute(source: models.ModelSource, quantize: FakeQuantize, method: str, tokens: int = 512, unit: str = "layer",
-            blocks: list[int] | None = None, end_to_end: bool = True, log: Callable[[str], None] = print) -> SensitivityMap:
+def compute(
+    source: models.ModelSource,
+    quantize: FakeQuantize,
+    method: str,
+    tokens: int = 512,
+    unit: str = "layer",
+    blocks: list[int] | None = None,
+    end_to_end: bool = True,
+    log: Callable[[str], None] = print,
+) -> SensitivityMap:
     """The map of `quantize` (the fake-quantizer of `method`, a choice text such as `rtn:bits=3`)
     on `source`: the proxy always, the end-to-end KL unless `end_to_end=False`."""
     import torch
@@ -196,8 +207,9 @@ def compute(source: models.ModelSource, quantize: FakeQuantize, method: str, tok
             log(f"sensitivity: end-to-end map in {end_to_end_s:.1f} s")
     done = tuple(Cell(c.block, c.kind, c.layers, c.weights, kl, proxy) for c, kl, proxy in zip(cells, kls, proxies))
     sha = hashlib.sha256(text.text.encode()).hexdigest()[:16]
-    return SensitivityMap(source.label, models.fingerprint(source), method, text.name, sha, tokens, unit, done,
-                          proxy_s, end_to_end_s)
+    return SensitivityMap(
+        source.label, models.fingerprint(source), method, text.name, sha, tokens, unit, done, proxy_s, end_to_end_s
+    )
 
 
 def proxy_errors(model, modules: dict, cells: list[Cell], quantize, input_ids) -> list[float]:
@@ -211,6 +223,7 @@ def proxy_errors(model, modules: dict, cells: list[Cell], quantize, input_ids) -
             x = inputs[0].reshape(-1, module.in_features)
             delta = x @ (quantize(module.weight) - module.weight).T
             errors[name] = float(delta.pow(2).sum() / output.pow(2).sum().clamp(min=1e-30))
+
         return measure
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in wanted]
@@ -232,10 +245,16 @@ class Replay:
         import torch
 
         decoder = model.get_decoder()
-        self.layers, self.norm, self.head = getattr(decoder, "layers", None), getattr(decoder, "norm", None), model.get_output_embeddings()
+        self.layers, self.norm, self.head = (
+            getattr(decoder, "layers", None),
+            getattr(decoder, "norm", None),
+            model.get_output_embeddings(),
+        )
         if self.layers is None or self.norm is None or self.head is None:
-            raise WorkbenchError(f"sensitivity map: {type(model).__name__} does not have decoder.layers / decoder.norm / an "
-                                 "output head; the end-to-end map replays those (Llama-style models).")
+            raise WorkbenchError(
+                f"sensitivity map: {type(model).__name__} does not have decoder.layers / decoder.norm / an "
+                "output head; the end-to-end map replays those (Llama-style models)."
+            )
         self.inputs, self.kwargs = self._capture(model, input_ids)
         self.hidden = self._final_hidden(0)
         logits = self.head(self.hidden)
@@ -307,6 +326,7 @@ def end_to_end_kl(model, modules: dict, cells: list[Cell], quantize, input_ids, 
 
 # ---------------------------------------------------------------------------- cache
 
+
 def cache_key(fingerprint: str, text_sha: str, tokens: int, method: str, unit: str, blocks: list[int] | None) -> str:
     """Everything that changes a map's numbers: model content, text, tokens, method, cell set."""
     identity = json.dumps([SCHEMA, fingerprint, text_sha, tokens, method, unit, blocks], sort_keys=True)
@@ -318,23 +338,36 @@ def default_folder() -> Path:
     return models.cache_dir() / "sensitivity"
 
 
-def load_or_compute(source: models.ModelSource, quantize: FakeQuantize, method: str, tokens: int = 512,
-                    unit: str = "layer", blocks: list[int] | None = None, folder: Path | None = None, rerun: bool = False,
-                    end_to_end: bool = True, log: Callable[[str], None] = print) -> tuple[SensitivityMap, Path]:
+def load_or_compute(
+    source: models.ModelSource,
+    quantize: FakeQuantize,
+    method: str,
+    tokens: int = 512,
+    unit: str = "layer",
+    blocks: list[int] | None = None,
+    folder: Path | None = None,
+    rerun: bool = False,
+    end_to_end: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[SensitivityMap, Path]:
     """The cached map when one with the same identity exists (and has what is asked), else
     compute it and save it atomically as `<folder>/<key>.json`."""
     folder = Path(folder) if folder is not None else default_folder()
     tokenizer = models.load_tokenizer(source)
     text, _ = map_tokens(tokenizer, tokens)
     sha = hashlib.sha256(text.text.encode()).hexdigest()[:16]
-    key = cache_key(models.fingerprint(source), sha, tokens, method, unit, sorted(blocks) if blocks is not None else None)
+    key = cache_key(
+        models.fingerprint(source), sha, tokens, method, unit, sorted(blocks) if blocks is not None else None
+    )
     path = folder / f"{key}.json"
     if path.is_file() and not rerun:
         cached = SensitivityMap.from_dict(json.loads(path.read_text(encoding="utf-8")))
         if cached.end_to_end_s is not None or not end_to_end:
             log(f"sensitivity: reusing {path}")
             return cached, path
-    smap = compute(source, quantize, method, tokens, unit, sorted(blocks) if blocks is not None else None, end_to_end, log)
+    smap = compute(
+        source, quantize, method, tokens, unit, sorted(blocks) if blocks is not None else None, end_to_end, log
+    )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+
 from workbench.core.errors import WorkbenchError
 
 MIN_DECODE_TOKENS = 8
@@ -18,11 +19,10 @@ def warm_up(model, prompt_ids: list[int]) -> float:
     """One forward pass on `prompt_ids` before anything is measured; returns its seconds.
 
     Backends prepare their kernels in the first forward pass: gptqmodel repacks its int4
-    weights for the CPU kernel there (about 100 MB moved on the bundled model), bitsandbytes
-    its 4-bit weights on CPUs with AVX512-BF16. With that done inside the perplexity pass and
-    what it freed left in the heap, rtn's peak memory moved by up to 11% from one fresh worker
-    to the next (427-476 MB above the baseline, four workers); with the warm-up, and the freed
-    memory handed back before scoring (`runner.measure`), by 1.6% (436-443 MB, five workers).
+    weights for the CPU kernel there, bitsandbytes its 4-bit weights on CPUs with AVX512-BF16.
+    Done inside the perplexity pass, with what it freed left in the heap, that work made the
+    peak memory of one method vary from one fresh worker to the next; after the warm-up, with
+    the freed memory handed back before scoring (`runner.measure`), it stays nearly the same.
     The perplexity time no longer includes the repacking either."""
     import torch
 
@@ -40,6 +40,7 @@ def warm_up(model, prompt_ids: list[int]) -> float:
 
 # ---------------------------------------------------------------------------- speed
 
+
 @dataclass(frozen=True)
 class Speed:
     prefill_ms: float
@@ -52,6 +53,15 @@ class Speed:
     prompt_tokens: int
     new_tokens: int
 
+    def result_fields(self) -> dict:
+        """The `Result` fields this metric fills."""
+        return {
+            "prefill_ms": self.prefill_ms,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "decode_spread": self.decode_spread,
+            "decode_repeats": self.repeats,
+        }
+
 
 def decode_speed(model, prompt_ids: list[int], new_tokens: int, pad_token_id: int) -> Speed:
     """Greedy `generate` with the KV cache, repeated until at least MIN_DECODE_SECONDS of
@@ -61,7 +71,9 @@ def decode_speed(model, prompt_ids: list[int], new_tokens: int, pad_token_id: in
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     if new_tokens < MIN_DECODE_TOKENS:
-        raise WorkbenchError(f"decode tokens: {new_tokens} is too few to time; use at least {MIN_DECODE_TOKENS} (or 0 to skip the speed measurement).")
+        raise WorkbenchError(
+            f"decode tokens: {new_tokens} is too few to time; use at least {MIN_DECODE_TOKENS} (or 0 to skip the speed measurement)."
+        )
     device = next(model.parameters()).device
     inputs = torch.tensor([prompt_ids], device=device)
 
@@ -83,9 +95,16 @@ def decode_speed(model, prompt_ids: list[int], new_tokens: int, pad_token_id: in
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, use_cache=True, pad_token_id=pad_token_id,
-                           stopping_criteria=StoppingCriteriaList([arrivals]))
+            model.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad_token_id,
+                stopping_criteria=StoppingCriteriaList([arrivals]),
+            )
         first, last = arrivals.times[0], arrivals.times[-1]
         return first - start, last - first
 
@@ -96,5 +115,11 @@ def decode_speed(model, prompt_ids: list[int], new_tokens: int, pad_token_id: in
         prefill.append(first)
         decode.append(rest)
     rates = [new_tokens / max(seconds, 1e-9) for seconds in decode]
-    return Speed(statistics.median(prefill) * 1000, statistics.median(rates), max(rates) / min(rates), len(rates),
-                 len(prompt_ids), new_tokens)
+    return Speed(
+        statistics.median(prefill) * 1000,
+        statistics.median(rates),
+        max(rates) / min(rates),
+        len(rates),
+        len(prompt_ids),
+        new_tokens,
+    )

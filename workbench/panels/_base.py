@@ -24,8 +24,8 @@ from typing import Any, Callable
 import ipywidgets as widgets
 
 from workbench.core.errors import WorkbenchError
-from workbench.report.display import FigureArea  # noqa: F401 (panels import it from here)
 from workbench.core.quiet import LIBRARY_LOG, library_output
+from workbench.report.display import FigureArea  # noqa: F401 (panels import it from here)
 
 
 class JobState(str, Enum):
@@ -41,8 +41,13 @@ class JobState(str, Enum):
         return self.value
 
 
-COLORS = {JobState.IDLE: "#555", JobState.RUNNING: "#1f77b4", JobState.DONE: "#2ca02c", JobState.ERROR: "#d62728",
-          JobState.CANCELLED: "#ff7f0e"}
+COLORS = {
+    JobState.IDLE: "#555",
+    JobState.RUNNING: "#1f77b4",
+    JobState.DONE: "#2ca02c",
+    JobState.ERROR: "#d62728",
+    JobState.CANCELLED: "#ff7f0e",
+}
 AMBER = "#b8860b"
 """A run that finished with failures (some methods failed), and "cancelling..."."""
 
@@ -66,28 +71,43 @@ class LogView:
     def write(self, text: str, error: bool = False) -> None:
         with self._lock:
             self._lines.extend((line, error) for line in text.rstrip("\n").split("\n"))
-            del self._lines[:-self.MAX_LINES]
-            body = "".join(f"<div style='color:#d62728'>{html.escape(line)}</div>" if red else f"<div>{html.escape(line)}</div>"
-                           for line, red in self._lines)
-            self.widget.value = ("<div style='max-height:220px;overflow:auto;display:flex;flex-direction:column-reverse;"
-                                 "border:1px solid #ddd;font-family:monospace;font-size:12px;white-space:pre-wrap;"
-                                 f"word-break:break-word;padding:2px 4px'><div>{body}</div></div>")
+            del self._lines[: -self.MAX_LINES]
+            body = "".join(
+                f"<div style='color:#d62728'>{html.escape(line)}</div>" if red else f"<div>{html.escape(line)}</div>"
+                for line, red in self._lines
+            )
+            self.widget.value = (
+                "<div style='max-height:220px;overflow:auto;display:flex;flex-direction:column-reverse;"
+                "border:1px solid #ddd;font-family:monospace;font-size:12px;white-space:pre-wrap;"
+                f"word-break:break-word;padding:2px 4px'><div>{body}</div></div>"
+            )
 
 
 class Job:
     """Runs `work(job)` on a button click, in a worker thread, then `on_done(result)`; shows what happens."""
 
-    def __init__(self, button: widgets.Button, work: Callable[["Job"], Any], on_done: Callable[[Any], None],
-                 cancellable: bool = False, library_log: Path = LIBRARY_LOG):
-        self.button, self._work, self._on_done, self.library_log = button, work, on_done, Path(library_log)
+    def __init__(
+        self,
+        button: widgets.Button,
+        work: Callable[["Job"], Any],
+        on_done: Callable[[Any], None],
+        cancellable: bool = False,
+        library_log: Path = LIBRARY_LOG,
+    ):
+        self.button, self._work, self._on_done, self.library_log = (button, work, on_done, Path(library_log))
         button.on_click(lambda _: self.start())
         self.status = widgets.HTML()
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="200px", visibility="hidden"))
-        self.cancel_button = widgets.Button(description="Cancel", disabled=True,
-                                            layout=widgets.Layout(display="" if cancellable else "none"))
+        self.progress = widgets.IntProgress(
+            value=0, min=0, max=1, layout=widgets.Layout(width="200px", visibility="hidden")
+        )
+        self.cancel_button = widgets.Button(
+            description="Cancel", disabled=True, layout=widgets.Layout(display="" if cancellable else "none")
+        )
         self.cancel_button.on_click(lambda _: self.cancel())
         self.log = LogView()
-        self.widget = widgets.VBox([widgets.HBox([button, self.cancel_button, self.progress, self.status]), self.log.widget])
+        self.widget = widgets.VBox(
+            [widgets.HBox([button, self.cancel_button, self.progress, self.status]), self.log.widget]
+        )
         self.states: list[JobState] = []
         self.error: str | None = None
         self.warning: str | None = None
@@ -137,7 +157,12 @@ class Job:
 
     def _set_state(self, state: JobState, detail: str = "") -> None:
         self.states.append(state)
-        text = state.value + detail + (f": {self.error}" if self.error else "") + (f"; {self.warning}" if self.warning else "")
+        text = (
+            state.value
+            + detail
+            + (f": {self.error}" if self.error else "")
+            + (f"; {self.warning}" if self.warning else "")
+        )
         color = AMBER if self.warning and state is JobState.DONE else COLORS[state]
         self._show_status(text, color)
 
@@ -187,8 +212,10 @@ def table_html(rows: list[dict]) -> str:
         return ""
     cell = "padding:2px 8px;vertical-align:top;white-space:normal;word-break:break-word;max-width:32em;text-align:left"
     head = "".join(f"<th style='{cell}'>{html.escape(str(c))}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td style='{cell}'>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>"
-                   for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='{cell}'>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>"
+        for row in rows
+    )
     return f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

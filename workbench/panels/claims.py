@@ -12,10 +12,10 @@ import html
 
 import ipywidgets as widgets
 
-from workbench.report import claims
-from workbench.run.results import IDENTITY_PROTOCOL, Result
 from workbench.panels._base import Panel, table_html
 from workbench.panels.work import ComparePanel
+from workbench.report import claims
+from workbench.run.results import IDENTITY_PROTOCOL, Result
 
 WAITING = "<i>No results yet: press Compare above; this table fills in after every Compare.</i>"
 
@@ -42,6 +42,8 @@ class ClaimsPanel(Panel):
         self.results = list(kept.values())
         self.rows = claims.check(self.results)
         devices = sorted({r.device for r in self.results})
-        note = (f"Checked on {len(self.results)} result(s) measured on {', '.join(devices) or 'nothing yet'}. "
-                f"Source: {claims.SOURCE}. The blog's speed figures are GPU measurements.")
+        note = (
+            f"Checked on {len(self.results)} result(s) measured on {', '.join(devices) or 'nothing yet'}. "
+            f"Source: {claims.SOURCE}. The blog's speed figures are GPU measurements."
+        )
         self.widget.value = table_html(self.rows) + f"<p style='font-size:11px'>{html.escape(note)}</p>"

@@ -1,4 +1,4 @@
-"""FineTunePanel and MergeDeployPanel: QLoRA training with a live loss curve, then merge and deploy.
+"""FineTunePanel: QLoRA training with a live loss curve (merge and deploy: `panels.deploy`).
 
 Thin surfaces over `workbench.finetune`, in the style of `work.py`: they take the panels
 they read from in their constructor, run the core calls through `Job` (states, log,
@@ -19,7 +19,6 @@ moving average) is drawn over the raw one.
 from __future__ import annotations
 
 import html
-import math
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -27,9 +26,8 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
-from workbench.run import executors, results
 from workbench import methods
-from workbench.core.config import EvalConfig, ModelSpec
+from workbench.core.config import ModelSpec
 from workbench.core.errors import WorkbenchError
 from workbench.finetune import FinetuneConfig, merge_refusal
 from workbench.panels._base import FigureArea, Job, JobState, Panel, table_html
@@ -37,8 +35,6 @@ from workbench.panels.pickers import ModelPicker
 
 SMOOTHING = 0.6
 """Weight of the past in the moving average: 0 = raw loss, 0.9 = very smooth, slow to follow."""
-DEPLOY_METHODS = ("gptq", "awq", "rtn", "bnb-nf4")
-"""Methods the merged model can be quantized with for deployment (GPTQ is Hugging Face's recommendation)."""
 
 
 def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
@@ -47,7 +43,7 @@ def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
     out, average = [], 0.0
     for i, value in enumerate(values, 1):
         average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight ** i))
+        out.append(average / (1 - weight**i))
     return out
 
 
@@ -56,19 +52,37 @@ def loss_chart(losses: list[tuple[int, float]], max_steps: int, subtitle: str = 
     import plotly.graph_objects as go
 
     steps, values = [s for s, _ in losses], [v for _, v in losses]
-    fig = go.Figure([
-        go.Scatter(x=steps, y=values, mode="lines+markers", name="loss (one batch)", line={"color": "#aec7e8"},
-                   marker={"size": 4}),
-        go.Scatter(x=steps, y=smoothed(values), mode="lines", name=f"smoothed (EMA {SMOOTHING})",
-                   line={"color": "#1f77b4", "width": 3}),
-    ])
-    fig.update_layout(title=f"Training loss (lower is better)<br><sup>{html.escape(subtitle)}</sup>", template="plotly_white",
-                      xaxis_title="optimizer step", yaxis_title="loss (nats per response token)", height=380)
+    fig = go.Figure(
+        [
+            go.Scatter(
+                x=steps,
+                y=values,
+                mode="lines+markers",
+                name="loss (one batch)",
+                line={"color": "#aec7e8"},
+                marker={"size": 4},
+            ),
+            go.Scatter(
+                x=steps,
+                y=smoothed(values),
+                mode="lines",
+                name=f"smoothed (EMA {SMOOTHING})",
+                line={"color": "#1f77b4", "width": 3},
+            ),
+        ]
+    )
+    fig.update_layout(
+        title=f"Training loss (lower is better)<br><sup>{html.escape(subtitle)}</sup>",
+        template="plotly_white",
+        xaxis_title="optimizer step",
+        yaxis_title="loss (nats per response token)",
+        height=380,
+    )
     fig.update_xaxes(range=[0, max(max_steps, 1) + 0.5])
     return fig
 
 
-def _run_here(job: Job) -> JobState:
+def run_here(job: Job) -> JobState:
     """`Panel.run` for a panel with more than one button."""
     job.start(background=False)
     if job.state is JobState.ERROR:
@@ -87,7 +101,7 @@ def _memory_bytes(device: str) -> int:
     return psutil.Process().memory_info().rss
 
 
-def _notes(lines: list[str]) -> str:
+def notes_html(lines: list[str]) -> str:
     return "".join(f"<p style='font-size:11px'>{html.escape(line)}</p>" for line in lines)
 
 
@@ -111,32 +125,50 @@ class FineTunePanel(Panel):
     """LoRA adapters on a quantized base (QLoRA on bnb-nf4): settings, Train/Stop, live loss, before/after."""
 
     def __init__(self, model: ModelPicker, config: FinetuneConfig | None = None, out_dir: str = "results"):
-        self.model_picker, self.base_config, self.out_dir = model, config or FinetuneConfig(), Path(out_dir)
+        self.model_picker, self.base_config, self.out_dir = (model, config or FinetuneConfig(), Path(out_dir))
         c, style = self.base_config, {"description_width": "initial"}
         device = None if model.device.value == "auto" else model.device.value
         bases = [m.name for m, reason in methods.available(device) if m.trainable and reason is None]
         current = methods.parse_choice(c.base)[0].name
-        self.base = widgets.Dropdown(options=[(self._base_label(name), name) for name in bases],
-                                     value=current if current in bases else bases[0], description="Base", style=style)
+        self.base = widgets.Dropdown(
+            options=[(self._base_label(name), name) for name in bases],
+            value=current if current in bases else bases[0],
+            description="Base",
+            style=style,
+        )
         self.r = widgets.BoundedIntText(value=c.r, min=1, max=1024, description="LoRA r", style=style)
         self.alpha = widgets.BoundedIntText(value=c.alpha, min=1, max=4096, description="alpha", style=style)
-        self.dropout = widgets.BoundedFloatText(value=c.dropout, min=0, max=0.95, step=0.01, description="dropout", style=style)
+        self.dropout = widgets.BoundedFloatText(
+            value=c.dropout, min=0, max=0.95, step=0.01, description="dropout", style=style
+        )
         self.steps = widgets.BoundedIntText(value=c.max_steps, min=1, max=100_000, description="Steps", style=style)
         self.learning_rate = widgets.FloatText(value=c.learning_rate, description="Learning rate", style=style)
-        self.batch_size = widgets.BoundedIntText(value=c.batch_size, min=1, max=1024, description="Batch size", style=style)
-        self.max_seq_len = widgets.BoundedIntText(value=c.max_seq_len, min=16, max=32_768, description="Max seq len", style=style)
-        self.checkpointing = widgets.Checkbox(value=c.gradient_checkpointing, description="gradient checkpointing", indent=False)
+        self.batch_size = widgets.BoundedIntText(
+            value=c.batch_size, min=1, max=1024, description="Batch size", style=style
+        )
+        self.max_seq_len = widgets.BoundedIntText(
+            value=c.max_seq_len, min=16, max=32_768, description="Max seq len", style=style
+        )
+        self.checkpointing = widgets.Checkbox(
+            value=c.gradient_checkpointing, description="gradient checkpointing", indent=False
+        )
         self.button = widgets.Button(description="Train", button_style="primary", icon="graduation-cap")
         self.job = Job(self.button, self._work, self._show, cancellable=True)
         self.job.cancel_button.description = "Stop"
         self.live = widgets.HTML()
         self.summary = widgets.HTML()
         self.generations = widgets.HTML()
-        settings = widgets.VBox([widgets.HBox([self.base, self.r, self.alpha, self.dropout]),
-                                 widgets.HBox([self.steps, self.learning_rate, self.batch_size, self.max_seq_len]),
-                                 self.checkpointing])
+        settings = widgets.VBox(
+            [
+                widgets.HBox([self.base, self.r, self.alpha, self.dropout]),
+                widgets.HBox([self.steps, self.learning_rate, self.batch_size, self.max_seq_len]),
+                self.checkpointing,
+            ]
+        )
         self.figure_area = FigureArea()
-        self.widget = widgets.VBox([settings, self.job.widget, self.live, self.figure_area.widget, self.summary, self.generations])
+        self.widget = widgets.VBox(
+            [settings, self.job.widget, self.live, self.figure_area.widget, self.summary, self.generations]
+        )
         self.losses: list[tuple[int, float]] = []
         self.loss_figure = loss_chart([], c.max_steps)
         self.figures = [self.loss_figure]
@@ -155,10 +187,23 @@ class FineTunePanel(Panel):
 
     def config(self) -> FinetuneConfig:
         """The constructor's config with the widgets' values (validated by FinetuneConfig)."""
-        base = self.base_config.base if methods.parse_choice(self.base_config.base)[0].name == self.base.value else self.base.value
-        return replace(self.base_config, base=base, r=self.r.value, alpha=self.alpha.value, dropout=self.dropout.value,
-                       max_steps=self.steps.value, learning_rate=self.learning_rate.value, batch_size=self.batch_size.value,
-                       max_seq_len=self.max_seq_len.value, gradient_checkpointing=self.checkpointing.value)
+        base = (
+            self.base_config.base
+            if methods.parse_choice(self.base_config.base)[0].name == self.base.value
+            else self.base.value
+        )
+        return replace(
+            self.base_config,
+            base=base,
+            r=self.r.value,
+            alpha=self.alpha.value,
+            dropout=self.dropout.value,
+            max_steps=self.steps.value,
+            learning_rate=self.learning_rate.value,
+            batch_size=self.batch_size.value,
+            max_seq_len=self.max_seq_len.value,
+            gradient_checkpointing=self.checkpointing.value,
+        )
 
     def _work(self, job: Job):
         from workbench import finetune
@@ -166,7 +211,9 @@ class FineTunePanel(Panel):
 
         config = self.config()
         if config.output_dir is None:  # a new folder per run, so earlier adapters stay
-            config = replace(config, output_dir=str(self.out_dir / "adapters" / datetime.now().strftime("%Y%m%d-%H%M%S")))
+            config = replace(
+                config, output_dir=str(self.out_dir / "adapters" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+            )
         spec = self.model_picker.spec()
         self.release()  # free the previous run's model (and its GPU memory) first
         device = spec.resolved_device()
@@ -180,13 +227,20 @@ class FineTunePanel(Panel):
             self._peak = max(self._peak, _memory_bytes(device))
             elapsed = time.perf_counter() - self._started
             job.set_progress(step, config.max_steps)
-            self.live.value = (f"step {step}/{config.max_steps} · loss {loss:.3f} (smoothed {smoothed([v for _, v in self.losses])[-1]:.3f})"
-                               f" · {elapsed:.0f} s elapsed · peak memory so far {self._peak / 2**20:.0f} MB")
-            self._redraw(config.max_steps, f"{config.base} + LoRA r={config.r}, alpha={config.alpha}, lr {config.learning_rate:g}, "
-                                           f"batch {config.batch_size} · {source.label} on {device}")
+            self.live.value = (
+                f"step {step}/{config.max_steps} · loss {loss:.3f} (smoothed {smoothed([v for _, v in self.losses])[-1]:.3f})"
+                f" · {elapsed:.0f} s elapsed · peak memory so far {self._peak / 2**20:.0f} MB"
+            )
+            self._redraw(
+                config.max_steps,
+                f"{config.base} + LoRA r={config.r}, alpha={config.alpha}, lr {config.learning_rate:g}, "
+                f"batch {config.batch_size} · {source.label} on {device}",
+            )
 
         run = finetune.finetune(source, config, device, on_loss, job.should_stop, job.write)
-        return TrainedAdapter(spec, source, device, run.report.base, Path(run.report.adapter_dir), run.model), run.report
+        return TrainedAdapter(
+            spec, source, device, run.report.base, Path(run.report.adapter_dir), run.model
+        ), run.report
 
     def _redraw(self, max_steps: int, subtitle: str) -> None:
         self.loss_figure = loss_chart(self.losses, max_steps, subtitle)
@@ -199,22 +253,44 @@ class FineTunePanel(Panel):
         self.trained, self.result = outcome
         report = self.result
         stopped = " (stopped early)" if report.stopped_early else ""
-        self._redraw(report.config["max_steps"], f"{report.base} + LoRA r={report.config['r']} · {report.steps} steps{stopped} · {report.model}")
-        self.live.value = (f"{report.steps} steps{stopped} in {report.train_s:.0f} s ({report.s_per_step:.2f} s/step) · "
-                           f"peak memory {report.peak_bytes / 2**20:.0f} MB ({report.peak_kind}) · adapter saved to "
-                           f"<code>{html.escape(str(self.trained.adapter_dir))}</code>")
-        rows = [{"": "held-out loss (nats/token)", "before": round(report.heldout_loss_before, 4),
-                 "after": round(report.heldout_loss_after, 4), "change": f"{report.heldout_loss_after - report.heldout_loss_before:+.4f}"},
-                {"": "held-out perplexity", "before": round(report.heldout_ppl_before, 2), "after": round(report.heldout_ppl_after, 2),
-                 "change": f"{100 * (report.heldout_ppl_after / report.heldout_ppl_before - 1):+.1f} %"}]
+        self._redraw(
+            report.config["max_steps"],
+            f"{report.base} + LoRA r={report.config['r']} · {report.steps} steps{stopped} · {report.model}",
+        )
+        self.live.value = (
+            f"{report.steps} steps{stopped} in {report.train_s:.0f} s ({report.s_per_step:.2f} s/step) · "
+            f"peak memory {report.peak_bytes / 2**20:.0f} MB ({report.peak_kind}) · adapter saved to "
+            f"<code>{html.escape(str(self.trained.adapter_dir))}</code>"
+        )
+        rows = [
+            {
+                "": "held-out loss (nats/token)",
+                "before": round(report.heldout_loss_before, 4),
+                "after": round(report.heldout_loss_after, 4),
+                "change": f"{report.heldout_loss_after - report.heldout_loss_before:+.4f}",
+            },
+            {
+                "": "held-out perplexity",
+                "before": round(report.heldout_ppl_before, 2),
+                "after": round(report.heldout_ppl_after, 2),
+                "change": f"{100 * (report.heldout_ppl_after / report.heldout_ppl_before - 1):+.1f} %",
+            },
+        ]
         held_out = len(load_rows(report.config.get("data_path"))[1])
-        self.summary.value = table_html(rows) + _notes([
-            f"Held-out: {held_out} examples never trained on; loss on the answer tokens only, as in training. "
-            f"Trainable: {report.trainable_params:,} of {report.total_params:,} parameters "
-            f"({100 * report.trainable_params / max(report.total_params, 1):.2f} %), only the LoRA matrices."])
+        self.summary.value = table_html(rows) + notes_html(
+            [
+                f"Held-out: {held_out} examples never trained on; loss on the answer tokens only, as in training. "
+                f"Trainable: {report.trainable_params:,} of {report.total_params:,} parameters "
+                f"({100 * report.trainable_params / max(report.total_params, 1):.2f} %), only the LoRA matrices."
+            ]
+        )
         if report.generations_after:
-            cards = [{"prompt": p, "reference": ref, "before": b, "after": a} for p, ref, b, a in
-                     zip(report.prompts, report.references, report.generations_before, report.generations_after)]
+            cards = [
+                {"prompt": p, "reference": ref, "before": b, "after": a}
+                for p, ref, b, a in zip(
+                    report.prompts, report.references, report.generations_before, report.generations_after
+                )
+            ]
             self.generations.value = "<b>Greedy answers to fixed prompts, before and after</b>" + table_html(cards)
         else:
             self.generations.value = ""
@@ -231,93 +307,3 @@ class FineTunePanel(Panel):
         if self.trained is not None:
             self.trained = replace(self.trained, model=None)
         runner.free_memory()
-
-
-class MergeDeployPanel(Panel):
-    """Merge the adapter onto the dequantized base, then quantize the merged model for deployment."""
-
-    def __init__(self, finetune: FineTunePanel, out_dir: str = "results", deploy: str = "gptq",
-                 eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16)):
-        self.finetune_panel, self.out_dir, self.eval_cfg = finetune, Path(out_dir), eval_cfg
-        self.merge_button = widgets.Button(description="Merge", button_style="primary", icon="code-fork")
-        self.merge_job = Job(self.merge_button, self._merge, self._show_merge)
-        self.merge_view = widgets.HTML()
-        self.method = widgets.Dropdown(options=list(DEPLOY_METHODS), value=deploy if deploy in DEPLOY_METHODS else "gptq",
-                                       description="Quantize with")
-        self.deploy_button = widgets.Button(description="Deploy", button_style="primary", icon="rocket")
-        self.deploy_job = Job(self.deploy_button, self._deploy, self._show_deploy)
-        self.table = widgets.HTML()
-        self.widget = widgets.VBox([
-            widgets.HTML("<b>1. Merge</b>: the adapter onto the dequantized base, checked on the held-out set."),
-            self.merge_job.widget, self.merge_view,
-            widgets.HTML("<b>2. Deploy</b>: quantize the merged model; compare it with the trained base + adapter."),
-            self.method, self.deploy_job.widget, self.table])
-        self.merge_report = None
-        self.merged_from: TrainedAdapter | None = None
-        self.results: list[results.Result] = []
-
-    def merge(self) -> str:
-        """Do what the Merge button does, in this cell."""
-        return _run_here(self.merge_job)
-
-    def deploy(self, method: str | None = None) -> str:
-        """Do what the Deploy button does, in this cell, optionally with another method."""
-        if method is not None:
-            if method not in DEPLOY_METHODS:
-                raise WorkbenchError(f"deploy method {method!r}: choose one of {', '.join(DEPLOY_METHODS)}.")
-            self.method.value = method
-        return _run_here(self.deploy_job)
-
-    def run(self) -> str:
-        self.merge()
-        return self.deploy()
-
-    def _merge(self, job: Job):
-        from workbench import finetune
-
-        tuned = self.finetune_panel.trained
-        if tuned is None:
-            raise WorkbenchError("merge: no adapter yet. Train one first (press Train in the fine-tune panel, or run its `.run()`).")
-        refusal = merge_refusal(tuned.base)
-        if refusal:
-            raise WorkbenchError(refusal)
-        out = self.out_dir / "merged" / tuned.adapter_dir.parent.name
-        # tuned.model (when still in memory) saves loading the base again; the value kept here
-        # does not hold it, so FineTunePanel.release() really frees it.
-        report = finetune.merge_to_dequantized(tuned.source, tuned.adapter_dir, out, tuned.device, tuned.model, job.write)
-        return replace(tuned, model=None), report
-
-    def _show_merge(self, outcome) -> None:
-        self.merged_from, self.merge_report = outcome
-        report, base = self.merge_report, self.merged_from.base
-        rows = [{"model": f"{base} base + adapter (what was trained)", "held-out loss": round(report.adapter_loss, 4)},
-                {"model": "full-precision base + adapter, unmerged", "held-out loss": round(report.unmerged_loss, 4)},
-                {"model": "merged into full precision (saved fp16)", "held-out loss": round(report.merged_loss, 4)}]
-        for row in rows:
-            row["perplexity"] = round(math.exp(row["held-out loss"]), 2)
-        verdict = ("<b style='color:#2ca02c'>within tolerance</b>" if report.within_tolerance
-                   else "<b style='color:#d62728'>outside tolerance: compare both before deploying the merge</b>")
-        self.merge_view.value = table_html(rows) + (
-            f"<p style='font-size:12px'>|merged - trained| = {report.difference:.4f} nats vs tolerance {report.tolerance:.4f} "
-            f"(2 × the base's own quantization gap {report.base_gap:.4f} + 0.02): {verdict}. Saved to "
-            f"<code>{html.escape(report.merged_dir)}</code>.</p>")
-
-    def _deploy(self, job: Job) -> list[results.Result]:
-        from workbench import finetune
-        from workbench.run import runner
-
-        if self.merge_report is None:
-            raise WorkbenchError("deploy: nothing merged yet. Press Merge first: deployment quantizes the merged model.")
-        tuned = self.merged_from
-        session = runner.Session.open(tuned.spec, self.eval_cfg, job.write)
-        rows = finetune.deploy_compare(session, self.merge_report.merged_dir, (self.method.value,), tuned.adapter_dir, job.write,
-                                       executors.InProcess())  # as ComparePanel: see panels/work.py
-        results.append_history(rows, self.out_dir / "deploy.jsonl")
-        return rows
-
-    def _show_deploy(self, rows: list[results.Result]) -> None:
-        self.results = rows
-        self.table.value = table_html(results.table_rows(rows)) + _notes(results.footnotes(rows))
-        failed = [r for r in rows if r.error]
-        if failed:
-            raise WorkbenchError(f"{failed[0].label}: {failed[0].error}")

@@ -42,8 +42,11 @@ class ModelPicker(Panel):
     def __init__(self, default: str = "bundled", device: str = "auto"):
         label = next((k for k, v in CURATED.items() if v == default), OTHER_LABEL)
         self.choice = widgets.Dropdown(options=list(CURATED), value=label, description="Model")
-        self.custom = widgets.Text(value="" if label != OTHER_LABEL else default, placeholder="org/name, ./folder or file.gguf",
-                                   description="Hub id / path")
+        self.custom = widgets.Text(
+            value="" if label != OTHER_LABEL else default,
+            placeholder="org/name, ./folder or file.gguf",
+            description="Hub id / path",
+        )
         self.token = widgets.Password(description="HF token", placeholder="only for gated models")
         self.device = widgets.Dropdown(options=["auto", "cpu", "cuda"], value=device, description="Device")
         # Off by default: a model whose config names its own Python code is refused (workbench.sources.remote_code).
@@ -51,8 +54,14 @@ class ModelPicker(Panel):
         self.button = self.estimate_button = widgets.Button(description="Will it fit?", icon="calculator")
         self.job = Job(self.button, self._estimate, self._show_estimate)
         self.estimate_view = widgets.HTML()
-        self.widget = widgets.VBox([widgets.HBox([self.choice, self.device]), widgets.HBox([self.custom, self.token, self.trust_remote_code]),
-                                    self.job.widget, self.estimate_view])
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.choice, self.device]),
+                widgets.HBox([self.custom, self.token, self.trust_remote_code]),
+                self.job.widget,
+                self.estimate_view,
+            ]
+        )
         self._sessions: dict = {}
         self.source = None
         """The model last resolved ("Will it fit?" or a panel's session): what the method form fits itself to."""
@@ -71,8 +80,12 @@ class ModelPicker(Panel):
 
     def spec(self) -> ModelSpec:
         name = CURATED[self.choice.value] or self.custom.value.strip()
-        return ModelSpec(name=name, device=self.device.value, token=self.token.value or None,
-                         trust_remote_code=self.trust_remote_code.value)
+        return ModelSpec(
+            name=name,
+            device=self.device.value,
+            token=self.token.value or None,
+            trust_remote_code=self.trust_remote_code.value,
+        )
 
     def session(self, eval_cfg: EvalConfig, log=print):
         """The shared runner session for the current choice (opened once per model and protocol)."""
@@ -99,9 +112,16 @@ class ModelPicker(Panel):
         self._resolved(source)
         from workbench.run.estimate import footnotes
 
-        rows = [{"method": r.method, "bits": r.bits, f"weight MB ({result.device})": round(r.weight_bytes / 2**20),
-                 "GPU weight MB": round(r.gpu_weight_bytes / 2**20),
-                 **{gpu: "yes" if fits else "no" for gpu, fits in r.fits.items()}} for r in result.rows]
+        rows = [
+            {
+                "method": r.method,
+                "bits": r.bits,
+                f"weight MB ({result.device})": round(r.weight_bytes / 2**20),
+                "GPU weight MB": round(r.gpu_weight_bytes / 2**20),
+                **{gpu: "yes" if fits else "no" for gpu, fits in r.fits.items()},
+            }
+            for r in result.rows
+        ]
         notes = "".join(f"<p style='font-size:11px'>{html.escape(n)}</p>" for n in footnotes(result))
         self.estimate_view.value = table_html(rows) + notes
 
@@ -116,7 +136,12 @@ class MethodPicker(Panel):
 
     GROUP_SIZES = (8, 16, 32, 64, 128, 256)
 
-    def __init__(self, selected: tuple[str, ...] = ("fp32", "bnb-nf4"), device: str | None = None, model: ModelPicker | None = None):
+    def __init__(
+        self,
+        selected: tuple[str, ...] = ("fp32", "bnb-nf4"),
+        device: str | None = None,
+        model: ModelPicker | None = None,
+    ):
         self.checks: dict[str, widgets.Checkbox] = {}
         self.fields: dict[str, dict[str, widgets.Widget]] = {}
         self._forms: dict[str, widgets.HBox] = {}
@@ -137,12 +162,22 @@ class MethodPicker(Panel):
             model.on_model(self.fit_to)
 
     def _row(self, method: methods.Method, reason: str | None, params: dict | None) -> widgets.Widget:
-        check = widgets.Checkbox(value=params is not None and reason is None, description=method.name, disabled=reason is not None,
-                                 indent=False, layout=widgets.Layout(width="140px"))
+        check = widgets.Checkbox(
+            value=params is not None and reason is None,
+            description=method.name,
+            disabled=reason is not None,
+            indent=False,
+            layout=widgets.Layout(width="140px"),
+        )
         self.checks[method.name] = check
-        self.fields[method.name] = {p.name: _param_widget(p, (params or {}).get(p.name, p.default)) for p in method.params}
-        note = (f"<span style='color:#d62728'>not here: {html.escape(reason)}</span>" if reason
-                else html.escape(method.summary))
+        self.fields[method.name] = {
+            p.name: _param_widget(p, (params or {}).get(p.name, p.default)) for p in method.params
+        }
+        note = (
+            f"<span style='color:#d62728'>not here: {html.escape(reason)}</span>"
+            if reason
+            else html.escape(method.summary)
+        )
         self._forms[method.name] = form = widgets.HBox(list(self.fields[method.name].values()))
         check.observe(lambda _: self._update_summary(), names="value")
         for field in self.fields[method.name].values():
@@ -155,8 +190,11 @@ class MethodPicker(Panel):
 
     def _update_summary(self) -> None:
         chosen = self.choices()
-        self.summary.value = (f"<b>Selected ({len(chosen)}):</b> {html.escape(', '.join(chosen))}" if chosen
-                              else "<b style='color:#b8860b'>No method selected.</b>")
+        self.summary.value = (
+            f"<b>Selected ({len(chosen)}):</b> {html.escape(', '.join(chosen))}"
+            if chosen
+            else "<b style='color:#b8860b'>No method selected.</b>"
+        )
 
     def fit_to(self, source) -> None:
         """Offer only the group sizes that divide every block-linear input width of `source`."""
@@ -170,14 +208,26 @@ class MethodPicker(Panel):
             if param is None:
                 continue
             candidates = param.choices or self.GROUP_SIZES
-            allowed = [g for g in candidates if g > 0 and (param.minimum is None or g >= param.minimum)
-                       and all(w % g == 0 for w in widths)]
+            allowed = [
+                g
+                for g in candidates
+                if g > 0 and (param.minimum is None or g >= param.minimum) and all(w % g == 0 for w in widths)
+            ]
             if param.minimum is not None and param.minimum <= -1:
                 allowed.append(-1)
             old = fields["group_size"]
-            value = old.value if old.value in allowed else (param.default if param.default in allowed else (allowed or [old.value])[0])
-            new = widgets.Dropdown(options=allowed or [old.value], value=value, description="group_size",
-                                   style={"description_width": "initial"}, layout=widgets.Layout(width="auto"))
+            value = (
+                old.value
+                if old.value in allowed
+                else (param.default if param.default in allowed else (allowed or [old.value])[0])
+            )
+            new = widgets.Dropdown(
+                options=allowed or [old.value],
+                value=value,
+                description="group_size",
+                style={"description_width": "initial"},
+                layout=widgets.Layout(width="auto"),
+            )
             new.observe(lambda _: self._update_summary(), names="value")
             fields["group_size"] = new
             self._forms[name].children = tuple(fields.values())
@@ -191,8 +241,11 @@ class MethodPicker(Panel):
     def choice_for(self, name: str) -> str:
         """`name:key=value:...` with the parameters that differ from the defaults."""
         method = methods.get(name)
-        changed = [f"{p.name}={self.fields[name][p.name].value}" for p in method.params
-                   if self.fields[name][p.name].value != p.default]
+        changed = [
+            f"{p.name}={self.fields[name][p.name].value}"
+            for p in method.params
+            if self.fields[name][p.name].value != p.default
+        ]
         return ":".join([name, *changed])
 
     def choices(self) -> list[str]:
@@ -227,8 +280,12 @@ def _problems_html(problems: dict[str, str]) -> str:
 
 
 def _param_widget(param: methods.Param, value) -> widgets.Widget:
-    common = {"value": value, "description": param.name, "style": {"description_width": "initial"},
-              "layout": widgets.Layout(width="auto")}
+    common = {
+        "value": value,
+        "description": param.name,
+        "style": {"description_width": "initial"},
+        "layout": widgets.Layout(width="auto"),
+    }
     if param.choices:
         return widgets.Dropdown(options=list(param.choices), **common)
     if isinstance(param.default, bool):

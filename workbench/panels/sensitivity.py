@@ -25,17 +25,17 @@ from pathlib import Path
 
 import ipywidgets as widgets
 
-from workbench.report import charts
-from workbench.run import compare, maps, results
 from workbench import methods
-from workbench.methods.mixed import planner as mixed
-from workbench.metrics import sensitivity
 from workbench.core.config import EvalConfig
 from workbench.core.errors import WorkbenchError
 from workbench.methods.mixed import map_choice, parse_widths, stored_bits
-from workbench.report.sensitivity import heatmap
+from workbench.methods.mixed import planner as mixed
+from workbench.metrics import sensitivity
 from workbench.panels._base import FigureArea, Job, JobState, Panel, table_html
 from workbench.panels.pickers import ModelPicker
+from workbench.report import charts
+from workbench.report.sensitivity import heatmap
+from workbench.run import compare, maps, results
 
 WIDTH_COLORS = {2: "#d62728", 3: "#ff7f0e", 4: "#9ecae1", 8: "#2ca02c"}
 METRICS = ("ppl", "kl")
@@ -65,8 +65,10 @@ class Settings:
         return stored_bits(width, self.group_size)
 
     def mixed_choice(self, budget_bits: float) -> str:
-        return (f"mixed:budget_bits={budget_bits:.2f}:widths={','.join(map(str, self.widths))}:group_size={self.group_size}"
-                f":map_tokens={self.tokens}")
+        return (
+            f"mixed:budget_bits={budget_bits:.2f}:widths={','.join(map(str, self.widths))}:group_size={self.group_size}"
+            f":map_tokens={self.tokens}"
+        )
 
     def uniform_choices(self, budget_bits: float) -> list[str]:
         """Uniform RTN at the widths just below and just above the budget (one when it sits on a width)."""
@@ -78,42 +80,78 @@ class Settings:
 class SensitivityPanel(Panel):
     """Sensitivity heatmap, a budget slider showing the bits each block gets, and a build of that mix."""
 
-    def __init__(self, model: ModelPicker, out_dir: str = "results", tokens: int = 512, widths: str = "3,4,8",
-                 blocks: list[int] | None = None, eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16),
-                 in_process: bool = False):
+    def __init__(
+        self,
+        model: ModelPicker,
+        out_dir: str = "results",
+        tokens: int = 512,
+        widths: str = "3,4,8",
+        blocks: list[int] | None = None,
+        eval_cfg: EvalConfig = EvalConfig(max_tokens=2048, decode_tokens=16),
+        in_process: bool = False,
+    ):
         """`blocks`: the blocks the per-layer heatmap measures (None: all; the mix's per-block map always has all)."""
-        self.model_picker, self.eval_cfg, self.in_process, self.blocks = model, eval_cfg, in_process, blocks
+        self.model_picker, self.eval_cfg, self.in_process, self.blocks = (model, eval_cfg, in_process, blocks)
         self.out_dir = Path(out_dir)
         style = {"description_width": "initial"}
         self.method = widgets.Dropdown(options=maps.supported(), value="rtn", description="Map method", style=style)
         self.bits = widgets.Dropdown(options=[2, 3, 4, 8], value=3, description="bits", style=style)
         self.group_size = widgets.Dropdown(options=[32, 64, 128], value=64, description="group size", style=style)
-        self.tokens = widgets.IntText(value=tokens, description="map tokens", style=style, layout=widgets.Layout(width="160px"))
-        self.widths = widgets.Text(value=widths, description="mix widths", style=style, layout=widgets.Layout(width="180px"))
+        self.tokens = widgets.IntText(
+            value=tokens, description="map tokens", style=style, layout=widgets.Layout(width="160px")
+        )
+        self.widths = widgets.Text(
+            value=widths, description="mix widths", style=style, layout=widgets.Layout(width="180px")
+        )
         self.method.observe(lambda _: self._method_changed(), names="value")
         self.widths.observe(lambda _: self._widths_changed(), names="value")
         self.group_size.observe(lambda _: self._widths_changed(), names="value")
         self.map_button = widgets.Button(description="Compute map", button_style="primary", icon="th")
-        self.map_job = Job(self.map_button, self._compute, self._show_map, cancellable=True,
-                           library_log=self.out_dir / "library.log")
+        self.map_job = Job(
+            self.map_button, self._compute, self._show_map, cancellable=True, library_log=self.out_dir / "library.log"
+        )
         self.map_figure = FigureArea()
-        self.budget = widgets.FloatSlider(step=0.01, description="bits/weight",  # its range: `_widths_changed`
-                                          readout_format=".2f", continuous_update=True, style=style,
-                                          layout=widgets.Layout(width="480px"))
+        self.budget = widgets.FloatSlider(
+            step=0.01,
+            description="bits/weight",  # its range: `_widths_changed`
+            readout_format=".2f",
+            continuous_update=True,
+            style=style,
+            layout=widgets.Layout(width="480px"),
+        )
         self.budget.observe(lambda _: self._show_plan(), names="value")
         self.plan_view = widgets.HTML()
         self.build_button = widgets.Button(description="Build and measure", button_style="primary", icon="bar-chart")
-        self.build_job = Job(self.build_button, self._build, self._show_results, cancellable=True,
-                             library_log=self.out_dir / "library.log")
+        self.build_job = Job(
+            self.build_button,
+            self._build,
+            self._show_results,
+            cancellable=True,
+            library_log=self.out_dir / "library.log",
+        )
         self.table = widgets.HTML()
         self.result_figures = FigureArea()
-        self.widget = widgets.VBox([
-            widgets.HTML("<b>1. The map</b>: quantize one layer at a time, measure how far the whole model's output moves (KL)."),
-            widgets.HBox([self.method, self.bits, self.group_size, self.tokens]), self.map_job.widget, self.map_figure.widget,
-            widgets.HTML("<b>2. The budget</b>: mean stored bits per block-linear weight; the slider plans the mix at once."),
-            widgets.HBox([self.widths, self.budget]), self.plan_view,
-            widgets.HTML("<b>3. Build and measure</b>: the mix next to uniform RTN at the widths around the budget."),
-            self.build_job.widget, self.table, self.result_figures.widget])
+        self.widget = widgets.VBox(
+            [
+                widgets.HTML(
+                    "<b>1. The map</b>: quantize one layer at a time, measure how far the whole model's output moves (KL)."
+                ),
+                widgets.HBox([self.method, self.bits, self.group_size, self.tokens]),
+                self.map_job.widget,
+                self.map_figure.widget,
+                widgets.HTML(
+                    "<b>2. The budget</b>: mean stored bits per block-linear weight; the slider plans the mix at once."
+                ),
+                widgets.HBox([self.widths, self.budget]),
+                self.plan_view,
+                widgets.HTML(
+                    "<b>3. Build and measure</b>: the mix next to uniform RTN at the widths around the budget."
+                ),
+                self.build_job.widget,
+                self.table,
+                self.result_figures.widget,
+            ]
+        )
         self.map: sensitivity.SensitivityMap | None = None
         """The heatmap's map (per layer, the chosen method)."""
         self.mixing_map: sensitivity.SensitivityMap | None = None
@@ -150,7 +188,9 @@ class SensitivityPanel(Panel):
         widths = parse_widths(self.widths.value)
         tokens = self.tokens.value
         if tokens < 32:
-            raise WorkbenchError(f"map tokens: {tokens} is too few to rank layers; use at least 32 (512 is the default).")
+            raise WorkbenchError(
+                f"map tokens: {tokens} is too few to rank layers; use at least 32 (512 is the default)."
+            )
         parts = [self.method.value]
         declared = {p.name for p in methods.get(self.method.value).params}
         if "bits" in declared:
@@ -173,7 +213,10 @@ class SensitivityPanel(Panel):
             return
         group = self.group_size.value
         # Two-decimal ends inside the widths' costs: every slider value is a budget `mixed.plan` accepts.
-        low, high = math.ceil(100 * stored_bits(widths[0], group)) / 100, math.floor(100 * stored_bits(widths[-1], group)) / 100
+        low, high = (
+            math.ceil(100 * stored_bits(widths[0], group)) / 100,
+            math.floor(100 * stored_bits(widths[-1], group)) / 100,
+        )
         middle = round((stored_bits(widths[0], group) + stored_bits(widths[1], group)) / 2, 2)
         if low > self.budget.max:  # never min > max on the way
             self.budget.max, self.budget.min = high, low
@@ -190,8 +233,7 @@ class SensitivityPanel(Panel):
         log = _checkpointed(job)
         try:
             job.set_progress(0, 2)
-            shown, _ = maps.load_or_compute(source, settings.map_method, settings.tokens, "layer", self.blocks,
-                                                   log=log)
+            shown, _ = maps.load_or_compute(source, settings.map_method, settings.tokens, "layer", self.blocks, log=log)
             job.set_progress(1, 2)
             planned, _ = maps.load_or_compute(source, settings.mixing_method, settings.tokens, "block", log=log)
         except Cancelled:
@@ -206,8 +248,10 @@ class SensitivityPanel(Panel):
         self.figure = heatmap(self.map)
         self.map_figure.show([self.figure])
         top = max(self.map.cells, key=lambda c: c.kl)
-        self.map_job.write(f"most sensitive layer: block {top.block} {top.kind} (KL {top.kl:.3g} nats/token); "
-                           f"per-block map for the mix: {self.mixing_map.method}")
+        self.map_job.write(
+            f"most sensitive layer: block {top.block} {top.kind} (KL {top.kl:.3g} nats/token); "
+            f"per-block map for the mix: {self.mixing_map.method}"
+        )
         self._show_plan()
 
     # ------------------------------------------------------------ 2. the plan
@@ -215,7 +259,7 @@ class SensitivityPanel(Panel):
     def _show_plan(self) -> None:
         """Plan the mix for the slider's budget on the cached per-block map (no model run)."""
         if self.mixing_map is None:
-            self.plan, self.plan_view.value = None, "<i>Compute the map first: the mix is planned from it.</i>"
+            self.plan, self.plan_view.value = (None, "<i>Compute the map first: the mix is planned from it.</i>")
             return
         try:
             settings = self.settings()
@@ -226,9 +270,14 @@ class SensitivityPanel(Panel):
         self.plan_view.value = _plan_html(self.plan)
 
     def _plan_for(self, settings: Settings, budget: float) -> mixed.Plan:
-        if self.mixing_map.method != methods.parse(settings.mixing_method).text or self.mixing_map.tokens != settings.tokens:
-            raise WorkbenchError(f"the widths, group size or tokens changed since the map: press Compute map again "
-                                 f"(the mix needs the map of {settings.mixing_method} on {settings.tokens} tokens).")
+        if (
+            self.mixing_map.method != methods.parse(settings.mixing_method).text
+            or self.mixing_map.tokens != settings.tokens
+        ):
+            raise WorkbenchError(
+                f"the widths, group size or tokens changed since the map: press Compute map again "
+                f"(the mix needs the map of {settings.mixing_method} on {settings.tokens} tokens)."
+            )
         return mixed.plan(self.mixing_map, budget, settings.widths, "block", cost=settings.cost)
 
     # ------------------------------------------------------------ 3. build and measure
@@ -241,18 +290,29 @@ class SensitivityPanel(Panel):
         self._plan_for(settings, budget)  # the same checks and errors as the slider's plan, before any work
         session = self.model_picker.session(self.eval_cfg, job.write)
         if session.fingerprint != self.mixing_map.fingerprint:
-            raise WorkbenchError(f"build: the map is of {self.mixing_map.model}, the model picked now is {session.source.label}; "
-                                 "press Compute map again.")
+            raise WorkbenchError(
+                f"build: the map is of {self.mixing_map.model}, the model picked now is {session.source.label}; "
+                "press Compute map again."
+            )
         choices = [session.reference_method(), *settings.uniform_choices(budget), settings.mixed_choice(budget)]
         with self.build_job.library_log.open("a", encoding="utf-8") as library:
             executor = compare.executor_for(self.in_process, lambda line: library.write(line + "\n"))
-            return compare.compare(session, choices, compare.History.in_folder(self.out_dir), False, job.write,
-                                   lambda _, done, total: job.set_progress(done, total), job.should_stop, executor)
+            return compare.compare(
+                session,
+                choices,
+                compare.History.in_folder(self.out_dir),
+                False,
+                job.write,
+                lambda _, done, total: job.set_progress(done, total),
+                job.should_stop,
+                executor,
+            )
 
     def _show_results(self, measured: list[results.Result]) -> str | None:
         self.results = measured
         self.table.value = table_html(results.table_rows(measured)) + "".join(
-            f"<p style='font-size:11px'>{html.escape(line)}</p>" for line in results.footnotes(measured))
+            f"<p style='font-size:11px'>{html.escape(line)}</p>" for line in results.footnotes(measured)
+        )
         self.figures = [charts.pareto_chart(measured, metric) for metric in METRICS]
         self.result_figures.show(self.figures)
         failed = [r for r in measured if r.error]
@@ -263,10 +323,12 @@ class SensitivityPanel(Panel):
 
 def _checkpointed(job: Job):
     """The job's log, which raises `Cancelled` once Cancel was pressed: the map's progress lines are its checkpoints."""
+
     def log(message: str) -> None:
         job.write(message)
         if job.should_stop():
             raise Cancelled()
+
     return log
 
 
@@ -286,8 +348,11 @@ def _plan_html(chosen: mixed.Plan) -> str:
         f"<td title='{html.escape(unit.name)}: KL {unit.sensitivity:.3g} at {chosen.widths[0]}-bit' "
         f"style='background:{WIDTH_COLORS.get(bits, '#ccc')};padding:2px 4px;text-align:center;font-size:11px'>"
         f"{unit.name.replace('block ', '')}<br><b>{bits}</b></td>"
-        for unit, bits in zip(chosen.units, chosen.bits))
+        for unit, bits in zip(chosen.units, chosen.bits)
+    )
     counts = ", ".join(f"{n} block(s) at {w}-bit" for w, n in chosen.count().items() if n)
-    return (f"<table style='border-collapse:collapse'><tr>{cells}</tr></table>"
-            f"<p style='font-size:12px'>Block (top) and its bits (bottom): {html.escape(counts)}; "
-            f"{chosen.stored_bits:.3f} of {chosen.budget_bits:.2f} bits/weight spent.</p>")
+    return (
+        f"<table style='border-collapse:collapse'><tr>{cells}</tr></table>"
+        f"<p style='font-size:12px'>Block (top) and its bits (bottom): {html.escape(counts)}; "
+        f"{chosen.stored_bits:.3f} of {chosen.budget_bits:.2f} bits/weight spent.</p>"
+    )

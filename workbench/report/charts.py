@@ -18,8 +18,12 @@ BAR_METRICS = (
     # (title, unit label, function of a result, lower is better)
     ("Perplexity", "perplexity (lower is better)", lambda r: r.ppl, True),
     ("Weight memory", "MB of stored weights", lambda r: r.weight_bytes / MB if r.weight_bytes else None, True),
-    ("Peak memory", "MB peak above the worker's baseline",
-     lambda r: r.peak_above_baseline_bytes / MB if r.peak_above_baseline_bytes else None, True),
+    (
+        "Peak memory",
+        "MB peak above the worker's baseline",
+        lambda r: r.peak_above_baseline_bytes / MB if r.peak_above_baseline_bytes else None,
+        True,
+    ),
     ("Decode speed", "tokens/s (greedy, batch 1)", lambda r: r.decode_tokens_per_s, False),
 )
 
@@ -45,11 +49,23 @@ def bar_chart(results: list[Result], title: str, unit: str, value, lower_is_bett
     done = [r for r in _ok(results) if value(r) is not None]
     base = baseline_of(results)
     colors = ["#7f7f7f" if r is base else "#1f77b4" for r in done]
-    fig = go.Figure(go.Bar(x=[r.label for r in done], y=[value(r) for r in done], marker_color=colors,
-                           text=[f"{value(r):.3g}" for r in done], textposition="outside"))
+    fig = go.Figure(
+        go.Bar(
+            x=[r.label for r in done],
+            y=[value(r) for r in done],
+            marker_color=colors,
+            text=[f"{value(r):.3g}" for r in done],
+            textposition="outside",
+        )
+    )
     better = "lower is better" if lower_is_better else "higher is better"
-    fig.update_layout(title=f"{title} ({better})<br><sup>{_protocol_line(results)}</sup>", yaxis_title=unit,
-                      xaxis_title="method", template="plotly_white", height=420)
+    fig.update_layout(
+        title=f"{title} ({better})<br><sup>{_protocol_line(results)}</sup>",
+        yaxis_title=unit,
+        xaxis_title="method",
+        template="plotly_white",
+        height=420,
+    )
     if title == "Perplexity" and done and max(value(r) for r in done) > 20 * min(value(r) for r in done):
         fig.update_yaxes(type="log")  # a collapsed method (int2) would flatten every other bar
     return fig
@@ -65,20 +81,43 @@ def pareto_chart(results: list[Result], metric: str = "ppl"):
     points = trade_off_points(results, metric)
     front = pareto_front(results, metric)
     marked = [any(p is f for f in front) for p in points]
-    fig = go.Figure(go.Scatter(
-        x=[p.weight_bytes / MB for p in points], y=[value(p) for p in points], mode="markers+text",
-        text=[p.label if m else "" for p, m in zip(points, marked)], textposition="top center",
-        hovertext=[_hover(p, name, value(p), m) for p, m in zip(points, marked)], hoverinfo="text",
-        marker={"size": [13 if m else 9 for m in marked], "symbol": ["diamond" if m else "circle" for m in marked],
-                "color": [FRONT_COLOR if m else "#9ecae1" for m in marked], "line": {"width": 1, "color": "#555"}}))
-    for a, b in zip(front, front[1:]):  # right at a's value up to b's bytes, then down to b's value: what more bytes buy
+    fig = go.Figure(
+        go.Scatter(
+            x=[p.weight_bytes / MB for p in points],
+            y=[value(p) for p in points],
+            mode="markers+text",
+            text=[p.label if m else "" for p, m in zip(points, marked)],
+            textposition="top center",
+            hovertext=[_hover(p, name, value(p), m) for p, m in zip(points, marked)],
+            hoverinfo="text",
+            marker={
+                "size": [13 if m else 9 for m in marked],
+                "symbol": ["diamond" if m else "circle" for m in marked],
+                "color": [FRONT_COLOR if m else "#9ecae1" for m in marked],
+                "line": {"width": 1, "color": "#555"},
+            },
+        )
+    )
+    for a, b in zip(
+        front, front[1:]
+    ):  # right at a's value up to b's bytes, then down to b's value: what more bytes buy
         corner = (b.weight_bytes / MB, value(a))
-        for (x0, y0), (x1, y1) in (((a.weight_bytes / MB, value(a)), corner), (corner, (b.weight_bytes / MB, value(b)))):
-            fig.add_shape(type="line", x0=x0, y0=y0, x1=x1, y1=y1, layer="below", line={"color": FRONT_COLOR, "width": 2})
-    fig.update_layout(title=f"{name} vs weight memory, Pareto front in red ({len(front)} of {len(points)} points; "
-                            f"bottom-left is best)<br><sup>{_protocol_line(results)}</sup>",
-                      xaxis_title="weight memory (MB of stored weights)", yaxis_title=unit, template="plotly_white",
-                      height=480, showlegend=False)
+        for (x0, y0), (x1, y1) in (
+            ((a.weight_bytes / MB, value(a)), corner),
+            (corner, (b.weight_bytes / MB, value(b))),
+        ):
+            fig.add_shape(
+                type="line", x0=x0, y0=y0, x1=x1, y1=y1, layer="below", line={"color": FRONT_COLOR, "width": 2}
+            )
+    fig.update_layout(
+        title=f"{name} vs weight memory, Pareto front in red ({len(front)} of {len(points)} points; "
+        f"bottom-left is best)<br><sup>{_protocol_line(results)}</sup>",
+        xaxis_title="weight memory (MB of stored weights)",
+        yaxis_title=unit,
+        template="plotly_white",
+        height=480,
+        showlegend=False,
+    )
     values = [value(p) for p in points]
     if values and min(values) > 0 and max(values) > 20 * min(values):
         fig.update_yaxes(type="log")  # a collapsed 2-bit cell would flatten every other point
@@ -87,9 +126,11 @@ def pareto_chart(results: list[Result], metric: str = "ppl"):
 
 def _hover(result: Result, name: str, value: float, on_front: bool) -> str:
     params = ", ".join(f"{k}={v}" for k, v in result.params.items()) or "no parameters"
-    return (f"<b>{html.escape(result.label)}</b><br>{html.escape(result.method)}: {html.escape(params)}<br>"
-            f"weight {result.weight_bytes / MB:.2f} MB ({result.bits_per_weight or 0:.2f} bits/weight)<br>"
-            f"{name.lower()} {value:.4g}<br>{'on the Pareto front' if on_front else 'dominated'}")
+    return (
+        f"<b>{html.escape(result.label)}</b><br>{html.escape(result.method)}: {html.escape(params)}<br>"
+        f"weight {result.weight_bytes / MB:.2f} MB ({result.bits_per_weight or 0:.2f} bits/weight)<br>"
+        f"{name.lower()} {value:.4g}<br>{'on the Pareto front' if on_front else 'dominated'}"
+    )
 
 
 def all_charts(results: list[Result], metric: str = "ppl") -> list:
@@ -106,9 +147,9 @@ def write_report(results: list[Result], path: Path, left_out: list[str] = (), me
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in left_out)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Quantization Workbench report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} pre{{font-size:12px;overflow-x:auto}}</style></head>
-<body><h1>Quantization Workbench: {html.escape(results[0].model if results else '')}</h1>
+<body><h1>Quantization Workbench: {html.escape(results[0].model if results else "")}</h1>
 <pre>{html.escape(format_table(results))}</pre>
-{f'<details><summary>What the methods chose (bits per layer)</summary><pre>{html.escape(format_details(results))}</pre></details>' if format_details(results) else ''}
-{f'<h3>Not run here</h3><ul>{notes}</ul>' if notes else ''}
-{''.join(parts)}</body></html>"""
+{f"<details><summary>What the methods chose (bits per layer)</summary><pre>{html.escape(format_details(results))}</pre></details>" if format_details(results) else ""}
+{f"<h3>Not run here</h3><ul>{notes}</ul>" if notes else ""}
+{"".join(parts)}</body></html>"""
     files.write_text(path, page)  # atomically: a failed write leaves the previous report whole

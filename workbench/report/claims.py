@@ -51,8 +51,13 @@ class Wanted:
     def find(self, results: list[Result]) -> Result | None:
         """The first successful result of this method with these parameters (no adapters), else the
         first failed one (so that its error is shown instead of asking for it again), else None."""
-        matches = [r for r in results if r.method == self.method and not r.adapter
-                   and all(r.params.get(key) == value for key, value in self.params)]
+        matches = [
+            r
+            for r in results
+            if r.method == self.method
+            and not r.adapter
+            and all(r.params.get(key) == value for key, value in self.params)
+        ]
         return next((r for r in matches if r.error is None), matches[0] if matches else None)
 
 
@@ -103,29 +108,78 @@ def _within_minimal(value: float, baseline: float) -> bool:
 
 
 CLAIMS = (
-    Claim("\"users can benefit from bitsandbytes quantization straight out of the box with minimal performance degradation\"",
-          "What are the benefits of bitsandbytes? (easy)", "no figures given", BNB_INT8, None, PERPLEXITY, _within_minimal,
-          WITHIN_MINIMAL),
-    Claim("4-bit on Llama-2 7B and 13B: \"the degradation is minimal!\" (it adds: \"less degradation in bigger models\")",
-          "Performance degradation", "Open LLM leaderboard scores", BNB_NF4, None, PERPLEXITY, _within_minimal,
-          WITHIN_MINIMAL),
-    Claim("the same, for GPTQ 4-bit: \"the degradation is minimal!\"", "Performance degradation",
-          "Open LLM leaderboard scores", GPTQ_4BIT, None, PERPLEXITY, _within_minimal, WITHIN_MINIMAL),
-    Claim("\"GPTQ quantized models are fast compared to bitsandbytes quantized models for text generation\"",
-          "What are the benefits of autoGPTQ? / Generate speed", "A100, T4 and Titan RTX GPUs", GPTQ_4BIT, BNB_NF4, DECODE,
-          lambda gptq, bnb: gptq > bnb, "GPTQ 4-bit decodes more tokens/s than bitsandbytes NF4"),
-    Claim("GPTQ needs \"a calibration dataset\" and \"can take several hours to quantize\"; bitsandbytes quantizes "
-          "\"on model load, no need to run any post-processing or preparation step\"",
-          "Known limitations of autoGPTQ / benefits of bitsandbytes", "GPUs (4 GPU hours for a 175B model, GPTQ paper)", GPTQ_4BIT, BNB_NF4,
-          PREPARE, lambda gptq, bnb: gptq > bnb, "GPTQ takes longer to load and quantize than bitsandbytes NF4"),
-    Claim("\"The GPTQ algorithm makes it possible to quantize models up to 2 bits! However, this might come with severe "
-          "quality degradation.\"", "What are the benefits of autoGPTQ? (n-bit support)", "no figures given", GPTQ_2BIT, None,
-          PERPLEXITY, lambda value, baseline: value >= SEVERE_FACTOR * baseline,
-          f"severe: perplexity at least {SEVERE_FACTOR:g} x the baseline"),
-    Claim("\"Quantization is great for reducing memory consumption\"", "Performance degradation",
-          "A100 (Llama-2-13b: 29.2 GB fp16, 11.0 GB bitsandbytes 4-bit peak)", BNB_NF4, None, WEIGHTS,
-          lambda value, baseline: value <= MEMORY_SHARE * baseline,
-          f"4-bit weights at most {MEMORY_SHARE:.0%} of the baseline's weight memory"),
+    Claim(
+        '"users can benefit from bitsandbytes quantization straight out of the box with minimal performance degradation"',
+        "What are the benefits of bitsandbytes? (easy)",
+        "no figures given",
+        BNB_INT8,
+        None,
+        PERPLEXITY,
+        _within_minimal,
+        WITHIN_MINIMAL,
+    ),
+    Claim(
+        '4-bit on Llama-2 7B and 13B: "the degradation is minimal!" (it adds: "less degradation in bigger models")',
+        "Performance degradation",
+        "Open LLM leaderboard scores",
+        BNB_NF4,
+        None,
+        PERPLEXITY,
+        _within_minimal,
+        WITHIN_MINIMAL,
+    ),
+    Claim(
+        'the same, for GPTQ 4-bit: "the degradation is minimal!"',
+        "Performance degradation",
+        "Open LLM leaderboard scores",
+        GPTQ_4BIT,
+        None,
+        PERPLEXITY,
+        _within_minimal,
+        WITHIN_MINIMAL,
+    ),
+    Claim(
+        '"GPTQ quantized models are fast compared to bitsandbytes quantized models for text generation"',
+        "What are the benefits of autoGPTQ? / Generate speed",
+        "A100, T4 and Titan RTX GPUs",
+        GPTQ_4BIT,
+        BNB_NF4,
+        DECODE,
+        lambda gptq, bnb: gptq > bnb,
+        "GPTQ 4-bit decodes more tokens/s than bitsandbytes NF4",
+    ),
+    Claim(
+        'GPTQ needs "a calibration dataset" and "can take several hours to quantize"; bitsandbytes quantizes '
+        '"on model load, no need to run any post-processing or preparation step"',
+        "Known limitations of autoGPTQ / benefits of bitsandbytes",
+        "GPUs (4 GPU hours for a 175B model, GPTQ paper)",
+        GPTQ_4BIT,
+        BNB_NF4,
+        PREPARE,
+        lambda gptq, bnb: gptq > bnb,
+        "GPTQ takes longer to load and quantize than bitsandbytes NF4",
+    ),
+    Claim(
+        '"The GPTQ algorithm makes it possible to quantize models up to 2 bits! However, this might come with severe '
+        'quality degradation."',
+        "What are the benefits of autoGPTQ? (n-bit support)",
+        "no figures given",
+        GPTQ_2BIT,
+        None,
+        PERPLEXITY,
+        lambda value, baseline: value >= SEVERE_FACTOR * baseline,
+        f"severe: perplexity at least {SEVERE_FACTOR:g} x the baseline",
+    ),
+    Claim(
+        '"Quantization is great for reducing memory consumption"',
+        "Performance degradation",
+        "A100 (Llama-2-13b: 29.2 GB fp16, 11.0 GB bitsandbytes 4-bit peak)",
+        BNB_NF4,
+        None,
+        WEIGHTS,
+        lambda value, baseline: value <= MEMORY_SHARE * baseline,
+        f"4-bit weights at most {MEMORY_SHARE:.0%} of the baseline's weight memory",
+    ),
 )
 
 
@@ -134,14 +188,20 @@ def _verdict(claim: Claim, results: list[Result]) -> tuple[str, str]:
     subject = claim.subject.find(results)
     reference = claim.reference.find(results) if claim.reference else baseline_of(results)
     reference_ask = claim.reference.method_string if claim.reference else BASELINE_ASK
-    missing = [ask for found, ask in ((subject, claim.subject.method_string), (reference, reference_ask)) if found is None]
-    failed = [f"{r.label} failed here: {r.error.splitlines()[0][:120]}" for r in (subject, reference) if r is not None and r.error]
+    missing = [
+        ask for found, ask in ((subject, claim.subject.method_string), (reference, reference_ask)) if found is None
+    ]
+    failed = [
+        f"{r.label} failed here: {r.error.splitlines()[0][:120]}"
+        for r in (subject, reference)
+        if r is not None and r.error
+    ]
     if missing or failed:
         added = f"add {' and '.join(missing)} in the method picker, then Compare" if missing else ""
         return NOT_MEASURED, "; ".join(failed + ([added] if added else []))
     a, b = claim.metric.value(subject), claim.metric.value(reference)
     if a is None or b is None:
-        return NOT_MEASURED, f"no {claim.metric.name} recorded for {subject.label if a is None else reference.label}"
+        return (NOT_MEASURED, f"no {claim.metric.name} recorded for {subject.label if a is None else reference.label}")
     devices = " and ".join(sorted({subject.device, reference.device}))
     figures = f"{subject.label} {a:.3g} vs {reference.label} {b:.3g} {claim.metric.unit} ({claim.metric.compared(a, b)}), on {devices}"
     return (HOLDS if claim.holds(a, b) else FAILS), figures
@@ -153,6 +213,14 @@ def check(results: list[Result]) -> list[dict]:
     rows = []
     for claim in CLAIMS:
         verdict, figures = _verdict(claim, results)
-        rows.append({"the overview says (section)": f"{claim.words} ({claim.section})", "checked with": claim.subject.method_string,
-                     "holds when": claim.bar, "verdict": verdict, "measured here": figures, "the blog measured on": claim.blog_device})
+        rows.append(
+            {
+                "the overview says (section)": f"{claim.words} ({claim.section})",
+                "checked with": claim.subject.method_string,
+                "holds when": claim.bar,
+                "verdict": verdict,
+                "measured here": figures,
+                "the blog measured on": claim.blog_device,
+            }
+        )
     return rows

@@ -56,4 +56,6 @@ class FigureArea:
             for fig, handle in zip(figures, self._handles):
                 handle.update(mimebundle(fig), raw=True)
             return
-        self.widget.outputs = tuple({"output_type": "display_data", "data": mimebundle(fig), "metadata": {}} for fig in figures)
+        self.widget.outputs = tuple(
+            {"output_type": "display_data", "data": mimebundle(fig), "metadata": {}} for fig in figures
+        )

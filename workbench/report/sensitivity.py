@@ -26,21 +26,55 @@ def heatmap(smap: SensitivityMap, field: str = "kl", log_color: bool = True):
     shown = [[_log(v) if log_color else v for v in row] for row in values]
     blocks, kinds = smap.blocks, smap.kinds
     by_block, by_kind = smap.sums(field, "block"), smap.sums(field, "kind")
-    fig = make_subplots(rows=2, cols=2, column_widths=[0.78, 0.22], row_heights=[0.8, 0.2], shared_yaxes=True,
-                        shared_xaxes=True, horizontal_spacing=0.03, vertical_spacing=0.04)
-    fig.add_trace(go.Heatmap(z=shown, x=kinds, y=blocks, customdata=values, colorscale="Viridis",
-                             colorbar={"title": f"log10 {unit}" if log_color else unit, "x": 0.76},
-                             hovertemplate="block %{y}, %{x}: %{customdata:.3g}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Bar(x=[by_block[b] for b in blocks], y=blocks, orientation="h", name="per block",
-                         hovertemplate="block %{y}: %{x:.3g}<extra></extra>"), row=1, col=2)
-    fig.add_trace(go.Bar(x=kinds, y=[by_kind[k] for k in kinds], name="per kind",
-                         hovertemplate="%{x}: %{y:.3g}<extra></extra>"), row=2, col=1)
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        column_widths=[0.78, 0.22],
+        row_heights=[0.8, 0.2],
+        shared_yaxes=True,
+        shared_xaxes=True,
+        horizontal_spacing=0.03,
+        vertical_spacing=0.04,
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=shown,
+            x=kinds,
+            y=blocks,
+            customdata=values,
+            colorscale="Viridis",
+            colorbar={"title": f"log10 {unit}" if log_color else unit, "x": 0.76},
+            hovertemplate="block %{y}, %{x}: %{customdata:.3g}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Bar(
+            x=[by_block[b] for b in blocks],
+            y=blocks,
+            orientation="h",
+            name="per block",
+            hovertemplate="block %{y}: %{x:.3g}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    fig.add_trace(
+        go.Bar(x=kinds, y=[by_kind[k] for k in kinds], name="per kind", hovertemplate="%{x}: %{y:.3g}<extra></extra>"),
+        row=2,
+        col=1,
+    )
     fig.update_yaxes(title_text="block", autorange="reversed", row=1, col=1)
     fig.update_xaxes(title_text=f"sum, {unit}", row=1, col=2)
     fig.update_yaxes(title_text="sum", row=2, col=1)
     what = "end-to-end KL of the output" if field == "kl" else "proxy: layer output error on captured activations"
-    fig.update_layout(title=f"Sensitivity of {smap.model} to {smap.method}, one {smap.unit} at a time: {what} ({unit}), "
-                            f"{smap.tokens} tokens of {smap.text}", showlegend=False, height=max(420, 18 * len(blocks) + 200))
+    fig.update_layout(
+        title=f"Sensitivity of {smap.model} to {smap.method}, one {smap.unit} at a time: {what} ({unit}), "
+        f"{smap.tokens} tokens of {smap.text}",
+        showlegend=False,
+        height=max(420, 18 * len(blocks) + 200),
+    )
     return fig
 
 
@@ -57,8 +91,10 @@ def report(smap, field: str = "kl") -> str:
     """The most sensitive cells, per-block and per-kind sums, timings, and the rank correlation."""
     unit = "nats/token" if field == "kl" else "relative error"
     ranked = sorted(smap.cells, key=lambda c: -(getattr(c, field) or 0))
-    lines = [f"{smap.model}, {smap.method}, one {smap.unit} at a time, {smap.tokens} tokens of {smap.text} ({unit})",
-             f"most sensitive {min(TOP, len(ranked))}:"]
+    lines = [
+        f"{smap.model}, {smap.method}, one {smap.unit} at a time, {smap.tokens} tokens of {smap.text} ({unit})",
+        f"most sensitive {min(TOP, len(ranked))}:",
+    ]
     lines += [f"  block {c.block:>3} {c.kind:<10} {getattr(c, field):.4g}" for c in ranked[:TOP]]
     by_block = smap.sums(field, "block")
     lines.append("per block: " + ", ".join(f"{b}: {v:.3g}" for b, v in by_block.items()))

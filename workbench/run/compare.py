@@ -51,9 +51,17 @@ def executor_for(in_process: bool, library_log: Callable[[str], None] | None = N
     return InProcess() if in_process else WorkerProcesses(library_log=library_log)
 
 
-def compare(session: Session, choices: list[Choice | str], history: History | None = None, rerun: bool = False,
-            log: Callable[[str], None] = print, progress=None, should_stop: Callable[[], bool] = lambda: False,
-            executor=None, on_result: Callable[[Result], None] | None = None) -> list[Result]:
+def compare(
+    session: Session,
+    choices: list[Choice | str],
+    history: History | None = None,
+    rerun: bool = False,
+    log: Callable[[str], None] = print,
+    progress=None,
+    should_stop: Callable[[], bool] = lambda: False,
+    executor=None,
+    on_result: Callable[[Result], None] | None = None,
+) -> list[Result]:
     """Each choice's result, in order. A configuration already in `history` (without error and
     with the same identity) is reused unless `rerun`; the others run on `executor` (default:
     a fresh worker process each), and each newly measured result is appended to `history`
@@ -78,7 +86,9 @@ def compare(session: Session, choices: list[Choice | str], history: History | No
             continue
         reused = None if rerun else done.get(planned_key(session, parsed))
         if reused:
-            log(f"[{reused.label}] already measured with this model, text and protocol ({reused.timestamp}); reusing it. Re-run to measure again.")
+            log(
+                f"[{reused.label}] already measured with this model, text and protocol ({reused.timestamp}); reusing it. Re-run to measure again."
+            )
             slots.append(replace(reused, reused_from=reused.timestamp))
             if session.is_reference(parsed):
                 reused_reference = (len(slots) - 1, parsed)
@@ -95,7 +105,7 @@ def compare(session: Session, choices: list[Choice | str], history: History | No
 
     first = pending[:1] if pending and session.is_reference(pending[0][1]) else []
     executor.run(session, first, finished, log, progress, should_stop)  # the others read what it records
-    executor.run(session, pending[len(first):], finished, log, progress, should_stop)
+    executor.run(session, pending[len(first) :], finished, log, progress, should_stop)
     if any(slot is None for slot in slots):
         log("Cancelled: the remaining methods were not run.")
     return [slot for slot in slots if slot is not None]
@@ -113,11 +123,15 @@ def _reference_first(session: Session, slots: list, pending: list[tuple[int, Cho
     name = session.reference_method()
     if reused_reference is not None:
         slots[reused_reference[0]] = None
-        log(f"[{name}] measuring it again instead of reusing it: the KL columns need its next-token distributions, "
-            f"which are not recorded in {session.reference_path()}.")
+        log(
+            f"[{name}] measuring it again instead of reusing it: the KL columns need its next-token distributions, "
+            f"which are not recorded in {session.reference_path()}."
+        )
         return [reused_reference] + pending
-    log(f"[{name}] measuring the full-precision reference first: the KL columns compare each method's next-token "
-        "distributions with its, and they are not recorded yet for this model, text and protocol.")
+    log(
+        f"[{name}] measuring the full-precision reference first: the KL columns compare each method's next-token "
+        "distributions with its, and they are not recorded yet for this model, text and protocol."
+    )
     slots.insert(0, None)
     return [(0, methods.parse(name))] + [(index + 1, choice) for index, choice in pending]
 

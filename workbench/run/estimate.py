@@ -13,23 +13,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from workbench.core.errors import WorkbenchError
-from workbench.sources.models import ModelSource, empty_model
 from workbench.run.results import MB
+from workbench.sources.models import ModelSource, empty_model
 
-GIB = 1024 ** 3
-MIB = 1024 ** 2
+GIB = 1024**3
+MIB = 1024**2
 
-GPUS = {
-    "T4 16GB": 15360 * MIB,
-    "L4 24GB": 23034 * MIB,
-    "A100 40GB": 40960 * MIB,
-    "A100 80GB": 81920 * MIB,
-}
+GPUS = {"T4 16GB": 15360 * MIB, "L4 24GB": 23034 * MIB, "A100 40GB": 40960 * MIB, "A100 80GB": 81920 * MIB}
 """Common cards, at the total memory nvidia-smi reports (a T4 loses about 1 GiB to ECC)."""
 
 RUNTIME_FACTOR = 1.2
 """Rule of thumb, not a measurement: weights x 1.2 covers activations, KV cache for short
 prompts and the CUDA context. Long contexts and large batches need more."""
+
 
 @dataclass(frozen=True)
 class MethodEstimate:
@@ -95,7 +91,9 @@ def target_gpu(gpu_memory_bytes: int | None) -> dict[str, int]:
     """The GPU the user named by its memory, else the attached one, else none."""
     if gpu_memory_bytes is not None:
         if gpu_memory_bytes <= 0:
-            raise WorkbenchError(f"GPU memory {gpu_memory_bytes} bytes: give a positive number of bytes (e.g. {24 * GIB} for 24 GiB).")
+            raise WorkbenchError(
+                f"GPU memory {gpu_memory_bytes} bytes: give a positive number of bytes (e.g. {24 * GIB} for 24 GiB)."
+            )
         return {"your GPU": gpu_memory_bytes}
     import torch
 
@@ -104,8 +102,14 @@ def target_gpu(gpu_memory_bytes: int | None) -> dict[str, int]:
     return {f"this GPU ({torch.cuda.get_device_name(0)})": torch.cuda.get_device_properties(0).total_memory}
 
 
-def method_estimate(method, total_params: int, linear_params: int, gpus: dict[str, int], device: str = "cuda",
-                    params: dict | None = None) -> MethodEstimate:
+def method_estimate(
+    method,
+    total_params: int,
+    linear_params: int,
+    gpus: dict[str, int],
+    device: str = "cuda",
+    params: dict | None = None,
+) -> MethodEstimate:
     """Block linears at the method's storage bits, everything else at the bits it keeps them in
     (both from the method's own declaration, `Method.storage_bits`)."""
     params = params if params is not None else method.resolve_params()
@@ -123,15 +127,18 @@ def method_estimate(method, total_params: int, linear_params: int, gpus: dict[st
 def format_estimate(est: Estimate) -> str:
     """A fixed-width text table, one row per method, one yes/no column per GPU, then footnotes."""
     here = f"weight MB ({est.device})"
-    rows = [{
-        "method": r.method,
-        "bits": str(r.bits),
-        "bits/weight": f"{r.bits_per_weight:.2f}",
-        here: f"{r.weight_bytes / MB:,.0f}",
-        "GPU weight MB": f"{r.gpu_weight_bytes / MB:,.0f}",
-        "GPU runtime MB": f"{r.runtime_bytes / MB:,.0f}",
-        **{gpu: "yes" if fit else "no" for gpu, fit in r.fits.items()},
-    } for r in est.rows]
+    rows = [
+        {
+            "method": r.method,
+            "bits": str(r.bits),
+            "bits/weight": f"{r.bits_per_weight:.2f}",
+            here: f"{r.weight_bytes / MB:,.0f}",
+            "GPU weight MB": f"{r.gpu_weight_bytes / MB:,.0f}",
+            "GPU runtime MB": f"{r.runtime_bytes / MB:,.0f}",
+            **{gpu: "yes" if fit else "no" for gpu, fit in r.fits.items()},
+        }
+        for r in est.rows
+    ]
     columns = ["method", "bits", "bits/weight", here, "GPU weight MB", "GPU runtime MB", *est.gpus]
     widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns}
     header = {c: c for c in columns}

@@ -27,11 +27,19 @@ from workbench.run.results import Result
 from workbench.sources import models
 
 WORKER_OVERHEAD_BYTES = 1200 * 2**20
-"""What an idle worker holds after importing torch, transformers and a backend (measured ~0.9-1.1 GB)."""
+"""What an idle worker holds after importing torch, transformers and a backend (about 1 GB, rounded up for a margin)."""
+
 
 class Executor(Protocol):
-    def run(self, session, pending: list[tuple[int, Choice]], finished: Callable[[int, Result], None],
-            log: Callable[[str], None], progress, should_stop: Callable[[], bool]) -> None: ...
+    def run(
+        self,
+        session,
+        pending: list[tuple[int, Choice]],
+        finished: Callable[[int, Result], None],
+        log: Callable[[str], None],
+        progress,
+        should_stop: Callable[[], bool],
+    ) -> None: ...
 
 
 class InProcess:
@@ -53,7 +61,9 @@ def portable_eval(session):
     return eval_cfg
 
 
-def evaluate_fresh(source, device, eval_cfg, choice_text, adapter, method_module, threads, mode, log, progress) -> Result:
+def evaluate_fresh(
+    source, device, eval_cfg, choice_text, adapter, method_module, threads, mode, log, progress
+) -> Result:
     """The body of a fresh process that measures one method (a worker, a Ray task): rebuild the
     session from what pickles cheaply, do the imports before the baseline, one evaluate."""
     import importlib
@@ -79,18 +89,24 @@ def check_jobs_fit(jobs: int, session, choices: list[Choice]) -> None:
     worker's own imports)."""
     if jobs <= 1 or not choices:
         return
-    from workbench.run import estimate  # estimate imports the registry's every family: only when asked
+    from workbench.run import (
+        estimate,  # estimate imports the registry's every family: only when asked
+    )
 
     total, linear = estimate.count_params(models.empty_model(session.source))
     full = estimate.method_estimate(_full_precision(session.device), total, linear, {}, session.device).weight_bytes
-    largest = max(estimate.method_estimate(c.method, total, linear, {}, session.device, c.params).weight_bytes for c in choices)
+    largest = max(
+        estimate.method_estimate(c.method, total, linear, {}, session.device, c.params).weight_bytes for c in choices
+    )
     per_job = int((full + largest) * estimate.RUNTIME_FACTOR) + WORKER_OVERHEAD_BYTES
     available = _available_memory(session.device)
     if jobs * per_job > available:
         fits = max(1, available // per_job)
-        raise WorkbenchError(f"--jobs {jobs}: each worker needs about {per_job / 2**30:.1f} GiB by the estimate "
-                             f"(full-precision load + quantized model + runtime), {jobs} need {jobs * per_job / 2**30:.1f} GiB, "
-                             f"and {available / 2**30:.1f} GiB are available; use --jobs {fits}.")
+        raise WorkbenchError(
+            f"--jobs {jobs}: each worker needs about {per_job / 2**30:.1f} GiB by the estimate "
+            f"(full-precision load + quantized model + runtime), {jobs} need {jobs * per_job / 2**30:.1f} GiB, "
+            f"and {available / 2**30:.1f} GiB are available; use --jobs {fits}."
+        )
 
 
 def _full_precision(device: str):

@@ -10,8 +10,8 @@ from typing import Callable
 
 from workbench import methods
 from workbench.core.errors import WorkbenchError
-from workbench.metrics import sensitivity
 from workbench.methods.base import check_group_size
+from workbench.metrics import sensitivity
 from workbench.sources import models
 
 
@@ -26,9 +26,11 @@ def check_map_choice(text: str, source: models.ModelSource) -> methods.Choice:
     """The map's method, refused before any work when unsupported or its group does not fit."""
     choice = methods.parse(text)
     if choice.method.fake_quantize is None:
-        raise WorkbenchError(f"sensitivity map: method {choice.method.name!r} is not supported; supported: "
-                             f"{', '.join(supported())} (each layer's quantization must be reproducible alone; "
-                             "GPTQ corrects errors across layers).")
+        raise WorkbenchError(
+            f"sensitivity map: method {choice.method.name!r} is not supported; supported: "
+            f"{', '.join(supported())} (each layer's quantization must be reproducible alone; "
+            "GPTQ corrects errors across layers)."
+        )
     reason = choice.method.unavailable_reason("cpu")
     if reason:
         raise WorkbenchError(f"sensitivity map with {choice.method.name}: {reason}")
@@ -42,19 +44,34 @@ def fake_quantizer(choice: methods.Choice) -> sensitivity.FakeQuantize:
     return choice.method.fake_quantize(choice.params)
 
 
-def compute(source: models.ModelSource, method: str, tokens: int = 512, unit: str = "layer",
-            blocks: list[int] | None = None, end_to_end: bool = True,
-            log: Callable[[str], None] = print) -> sensitivity.SensitivityMap:
+def compute(
+    source: models.ModelSource,
+    method: str,
+    tokens: int = 512,
+    unit: str = "layer",
+    blocks: list[int] | None = None,
+    end_to_end: bool = True,
+    log: Callable[[str], None] = print,
+) -> sensitivity.SensitivityMap:
     """The map of `method` (a choice text) on `source`, computed now (see `sensitivity.compute`)."""
     choice = check_map_choice(method, source)
     return sensitivity.compute(source, fake_quantizer(choice), choice.text, tokens, unit, blocks, end_to_end, log)
 
 
-def load_or_compute(source: models.ModelSource, method: str, tokens: int = 512, unit: str = "layer",
-                    blocks: list[int] | None = None, folder: Path | None = None, rerun: bool = False,
-                    end_to_end: bool = True, log: Callable[[str], None] = print) -> tuple[sensitivity.SensitivityMap, Path]:
+def load_or_compute(
+    source: models.ModelSource,
+    method: str,
+    tokens: int = 512,
+    unit: str = "layer",
+    blocks: list[int] | None = None,
+    folder: Path | None = None,
+    rerun: bool = False,
+    end_to_end: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[sensitivity.SensitivityMap, Path]:
     """The cached map of `method` (a choice text) on `source`, or a new one (see
     `sensitivity.load_or_compute`)."""
     choice = check_map_choice(method, source)
-    return sensitivity.load_or_compute(source, fake_quantizer(choice), choice.text, tokens, unit, blocks, folder,
-                                       rerun, end_to_end, log)
+    return sensitivity.load_or_compute(
+        source, fake_quantizer(choice), choice.text, tokens, unit, blocks, folder, rerun, end_to_end, log
+    )

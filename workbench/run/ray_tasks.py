@@ -23,7 +23,7 @@ RAY_PIP = "pip install 'quantization-workbench[cluster]' (or: pip install 'ray==
 RAY_FAILURES = {
     "TaskCancelledError": "the Ray task was cancelled",
     "WorkerCrashedError": "the Ray worker process died (a crash in a native library, or killed: on Linux the "
-                          "out-of-memory killer does this when memory runs out)",
+    "out-of-memory killer does this when memory runs out)",
     "OutOfMemoryError": "Ray's memory monitor killed the task: its node ran low on memory",
     "NodeDiedError": "the node running the task died or left the cluster",
     "LocalRayletDiedError": "the Ray raylet of the node running the task died",
@@ -51,16 +51,30 @@ class RayTasks:
     process exits, so later sweeps skip Ray's start-up; a `ray.init` made by the caller (a
     notebook, a test) is used as it is."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, cpus_per_task: int = 1,
-                 library_log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        cpus_per_task: int = 1,
+        library_log: Callable[[str], None] | None = None,
+    ):
         if address is not None and num_cpus is not None:
-            raise WorkbenchError(f"--ray-cpus {num_cpus}: an existing Ray cluster ({address}) has the CPUs its nodes "
-                                 "were started with; leave out --ray-cpus, or --address for a local instance.")
+            raise WorkbenchError(
+                f"--ray-cpus {num_cpus}: an existing Ray cluster ({address}) has the CPUs its nodes "
+                "were started with; leave out --ray-cpus, or --address for a local instance."
+            )
         if num_cpus is not None and num_cpus < 1:
-            raise WorkbenchError(f"--ray-cpus: {num_cpus} is not a number of CPUs for the local Ray instance; use 1 or more.")
+            raise WorkbenchError(
+                f"--ray-cpus: {num_cpus} is not a number of CPUs for the local Ray instance; use 1 or more."
+            )
         if cpus_per_task < 1:
             raise WorkbenchError(f"cpus_per_task: {cpus_per_task} is not a number of CPUs; use 1 or more.")
-        self.address, self.num_cpus, self.cpus_per_task, self.library_log = address, num_cpus, cpus_per_task, library_log
+        self.address, self.num_cpus, self.cpus_per_task, self.library_log = (
+            address,
+            num_cpus,
+            cpus_per_task,
+            library_log,
+        )
 
     def resources(self, device: str) -> dict:
         """What one task asks Ray for."""
@@ -80,8 +94,16 @@ class RayTasks:
         try:
             for index, choice in pending:
                 module = choice.method.quantize.__module__
-                ref = remote.remote(session.source, session.device, eval_cfg, choice.text, choice.adapter, module,
-                                    _import_root(module), threads)
+                ref = remote.remote(
+                    session.source,
+                    session.device,
+                    eval_cfg,
+                    choice.text,
+                    choice.adapter,
+                    module,
+                    _import_root(module),
+                    threads,
+                )
                 outstanding[ref] = (index, choice)
             while outstanding:
                 if should_stop():
@@ -101,19 +123,28 @@ class RayTasks:
 
         if ray.is_initialized():
             return
-        quiet = {"ignore_reinit_error": True, "include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+        quiet = {
+            "ignore_reinit_error": True,
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+        }
         try:
             if self.address:
                 ray.init(address=self.address, **quiet)
             else:
                 ray.init(num_cpus=self.num_cpus, **quiet)
         except ConnectionError as exc:
-            raise WorkbenchError(f"--address {self.address}: no Ray cluster answered ({exc}). Start one with `ray start --head` "
-                                 "on the head node (and `ray start --address HEAD:6379` on the others), or leave out --address "
-                                 "to run on a local Ray instance.") from None
+            raise WorkbenchError(
+                f"--address {self.address}: no Ray cluster answered ({exc}). Start one with `ray start --head` "
+                "on the head node (and `ray start --address HEAD:6379` on the others), or leave out --address "
+                "to run on a local Ray instance."
+            ) from None
         total = ray.cluster_resources()
-        log(f"Ray: {len(ray.nodes())} node(s), {total.get('CPU', 0):g} CPU(s), {total.get('GPU', 0):g} GPU(s)"
-            f"{f' at {self.address}' if self.address else ' (local instance)'}")
+        log(
+            f"Ray: {len(ray.nodes())} node(s), {total.get('CPU', 0):g} CPU(s), {total.get('GPU', 0):g} GPU(s)"
+            f"{f' at {self.address}' if self.address else ' (local instance)'}"
+        )
 
     @staticmethod
     def _check_cluster_holds(ray, needs: dict) -> None:
@@ -121,8 +152,10 @@ class RayTasks:
         total = ray.cluster_resources()
         for name, key in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
             if needs[name] and total.get(key, 0) < needs[name]:
-                raise WorkbenchError(f"--executor ray: each task needs {needs[name]} {key}(s) and the Ray cluster has "
-                                     f"{total.get(key, 0):g}; add nodes that have them, or use --device cpu.")
+                raise WorkbenchError(
+                    f"--executor ray: each task needs {needs[name]} {key}(s) and the Ray cluster has "
+                    f"{total.get(key, 0):g}; add nodes that have them, or use --device cpu."
+                )
 
     def _outcome(self, ray, ref, session, choice: Choice, log) -> Result:
         from workbench.run import runner
@@ -131,8 +164,12 @@ class RayTasks:
             result, messages, library = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:  # raised outside `evaluate` (opening the session, an import)
             cause = exc.cause if exc.cause is not None else exc
-            return runner.failed(session, choice, f"{choice.label}: the Ray task raised {type(cause).__name__}: "
-                                 f"{str(cause).strip()[:300]}", mode="ray")
+            return runner.failed(
+                session,
+                choice,
+                f"{choice.label}: the Ray task raised {type(cause).__name__}: {str(cause).strip()[:300]}",
+                mode="ray",
+            )
         except ray.exceptions.RayError as exc:
             return runner.failed(session, choice, f"{choice.label}: {_ray_failure(exc)}", mode="ray")
         for message in messages:
@@ -187,8 +224,9 @@ def _ray_task(source, device, eval_cfg, choice_text, adapter, method_module, mod
     messages: list[str] = []
     try:
         with library_output(scratch / "library.log"):
-            result = evaluate_fresh(source, device, eval_cfg, choice_text, adapter, method_module, threads, "ray",
-                                     messages.append, None)
-        return result, messages, (scratch / "library.log").read_text(encoding="utf-8", errors="replace").splitlines()
+            result = evaluate_fresh(
+                source, device, eval_cfg, choice_text, adapter, method_module, threads, "ray", messages.append, None
+            )
+        return (result, messages, (scratch / "library.log").read_text(encoding="utf-8", errors="replace").splitlines())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

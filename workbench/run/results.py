@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -22,8 +23,17 @@ MB = 1024 * 1024
 SCHEMA = 2
 """Version of the record layout; records of another version are skipped when reading history."""
 
-IDENTITY_PROTOCOL = ("text", "text_sha", "eval_tokens", "max_length", "stride", "bos", "batch_size", "decode_tokens",
-                     "warm_up_tokens")
+IDENTITY_PROTOCOL = (
+    "text",
+    "text_sha",
+    "eval_tokens",
+    "max_length",
+    "stride",
+    "bos",
+    "batch_size",
+    "decode_tokens",
+    "warm_up_tokens",
+)
 """The protocol settings that are part of a result's identity (everything that changes a number)."""
 
 
@@ -101,9 +111,15 @@ class Result:
 
     def identity(self) -> dict:
         """Same identity = the same model content, text, method, settings, protocol and backend."""
-        return {"model": self.model_fingerprint, "method": self.method, "params": self.params, "adapter": self.adapter,
-                "device": self.device, "backend": self.backend,
-                "protocol": {k: self.protocol.get(k) for k in IDENTITY_PROTOCOL}}
+        return {
+            "model": self.model_fingerprint,
+            "method": self.method,
+            "params": self.params,
+            "adapter": self.adapter,
+            "device": self.device,
+            "backend": self.backend,
+            "protocol": {k: self.protocol.get(k) for k in IDENTITY_PROTOCOL},
+        }
 
     def key(self) -> str:
         return json.dumps(self.identity(), sort_keys=True)
@@ -122,7 +138,11 @@ class Result:
             wrong_type = not isinstance(value, kinds) or isinstance(value, bool)
             if name in REQUIRED and value is None or value is not None and wrong_type:
                 raise ValueError(f"{name}: {value!r} is not a {kinds}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and value >= 0):
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and not (math.isfinite(value) and value >= 0)
+            ):
                 raise ValueError(f"{name}: {value!r} is not a finite, non-negative number")
         if values.get("ppl") is not None and values["ppl"] < 1:
             raise ValueError(f"ppl: {values['ppl']!r} is below 1, which no perplexity can be")
@@ -130,14 +150,20 @@ class Result:
 
 
 NUMBER = (int, float)
-RECORD_TYPES = {"model": str, "method": str, "family": str, "bits": int, "params": dict, "device": str, "label": str,
-                "adapter": str, "model_fingerprint": str, "backend": str, "mode": str, "ppl": NUMBER, "kl_mean": NUMBER,
-                "kl_p99": NUMBER, "top1_agreement": NUMBER, "weight_bytes": int,
-                "bits_per_weight": NUMBER, "peak_bytes": int, "peak_above_baseline_bytes": int, "peak_reserved_bytes": int,
-                "peak_kind": str, "load_s": NUMBER, "eval_s": NUMBER, "prefill_ms": NUMBER, "decode_tokens_per_s": NUMBER,
-                "decode_spread": NUMBER, "decode_repeats": int, "kernel": str, "protocol": dict, "calibration": dict, "details": dict,
-                "environment": dict, "model_note": str, "error": str, "timestamp": str, "reused_from": str, "schema": int}
-"""The type each field of a record is written with (None allowed unless REQUIRED)."""
+
+
+def _record_types() -> dict:
+    """The type each field of a record is written with, read from `Result`'s annotations (None
+    allowed unless REQUIRED; a float field takes an int too): a new field is checked without
+    another edit."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(Result).items():
+        kind = next(k for k in (typing.get_args(hint) or (hint,)) if k is not type(None))
+        kinds[name] = NUMBER if kind is float else kind
+    return kinds
+
+
+RECORD_TYPES = _record_types()
 REQUIRED = ("model", "method", "family", "bits", "params", "device")
 
 
@@ -165,7 +191,9 @@ def read_history(path: Path, log=None) -> list[Result]:
             skipped.append(number)
     if skipped and log:
         shown = ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else "")
-        log(f"history {path}: skipped {len(skipped)} line(s) that could not be used (line {shown}); they are left as they are.")
+        log(
+            f"history {path}: skipped {len(skipped)} line(s) that could not be used (line {shown}); they are left as they are."
+        )
     return records
 
 
@@ -187,26 +215,28 @@ def table_rows(results: list[Result]) -> list[dict]:
     rows = []
     for r in results:
         delta = delta_ppl_pct(r, base)
-        rows.append({
-            "method": r.label,
-            "bits": r.bits,
-            "group size": r.params.get("group_size", ""),
-            "kernel": r.kernel,
-            "load s": _round(r.load_s, 1),
-            "ms/token": _round(r.ms_per_token, 1),
-            "tok/s": _round(r.decode_tokens_per_s, 1),
-            "tok/s spread": "" if r.decode_spread is None else f"x{r.decode_spread:.2f}",
-            "peak MB": _round(r.peak_above_baseline_bytes / MB if r.peak_above_baseline_bytes else None, 0),
-            "weight MB": _round(r.weight_bytes / MB if r.weight_bytes else None, 1),
-            "bits/weight": _round(r.bits_per_weight, 2),
-            "perplexity": _round(r.ppl, 2),
-            "Δ ppl %": "" if delta is None else f"{delta:+.1f}",
-            "KL mean (nats)": _round(r.kl_mean, 4),
-            "KL p99": _round(r.kl_p99, 4),
-            "top-1 same %": _round(None if r.top1_agreement is None else 100 * r.top1_agreement, 1),
-            "run in": r.mode + (f", reused from {r.reused_from}" if r.reused_from else ""),
-            "error": r.error or "",
-        })
+        rows.append(
+            {
+                "method": r.label,
+                "bits": r.bits,
+                "group size": r.params.get("group_size", ""),
+                "kernel": r.kernel,
+                "load s": _round(r.load_s, 1),
+                "ms/token": _round(r.ms_per_token, 1),
+                "tok/s": _round(r.decode_tokens_per_s, 1),
+                "tok/s spread": "" if r.decode_spread is None else f"x{r.decode_spread:.2f}",
+                "peak MB": _round(r.peak_above_baseline_bytes / MB if r.peak_above_baseline_bytes else None, 0),
+                "weight MB": _round(r.weight_bytes / MB if r.weight_bytes else None, 1),
+                "bits/weight": _round(r.bits_per_weight, 2),
+                "perplexity": _round(r.ppl, 2),
+                "Δ ppl %": "" if delta is None else f"{delta:+.1f}",
+                "KL mean (nats)": _round(r.kl_mean, 4),
+                "KL p99": _round(r.kl_p99, 4),
+                "top-1 same %": _round(None if r.top1_agreement is None else 100 * r.top1_agreement, 1),
+                "run in": r.mode + (f", reused from {r.reused_from}" if r.reused_from else ""),
+                "error": r.error or "",
+            }
+        )
     return rows
 
 
@@ -235,20 +265,28 @@ def footnotes(results: list[Result]) -> list[str]:
     done = [r for r in results if r.error is None]
     if done:
         p, first = done[0].protocol, done[0]
-        notes.append(f"Perplexity: {p.get('text')}, {p.get('n_tokens')} tokens scored, windows of {p.get('max_length')} "
-                     f"tokens, step {p.get('stride')}, BOS at each window: {p.get('bos')}. Lower is better.")
-        notes.append(f"Peak MB: {first.peak_kind} during load + evaluation, above what the measuring process held before "
-                     "loading the model (imports, tokenizer, text); both numbers are in the JSON. 'run in: worker' = a fresh "
-                     "process per method, so earlier methods cannot inflate it. Weight MB: bytes of the stored tensors "
-                     "(scales and zeros included), counted before the first forward pass. load s: load and quantize, and one "
-                     "warm-up forward pass (where backends repack weights for their kernels) before anything is timed.")
-        notes.append(f"tok/s: greedy decode, batch 1, KV cache on, {p.get('decode_tokens')} new tokens; median of at least "
-                     "3 repetitions and 0.5 s of decoding; spread = fastest / slowest repetition.")
+        notes.append(
+            f"Perplexity: {p.get('text')}, {p.get('n_tokens')} tokens scored, windows of {p.get('max_length')} "
+            f"tokens, step {p.get('stride')}, BOS at each window: {p.get('bos')}. Lower is better."
+        )
+        notes.append(
+            f"Peak MB: {first.peak_kind} during load + evaluation, above what the measuring process held before "
+            "loading the model (imports, tokenizer, text); both numbers are in the JSON. 'run in: worker' = a fresh "
+            "process per method, so earlier methods cannot inflate it. Weight MB: bytes of the stored tensors "
+            "(scales and zeros included), counted before the first forward pass. load s: load and quantize, and one "
+            "warm-up forward pass (where backends repack weights for their kernels) before anything is timed."
+        )
+        notes.append(
+            f"tok/s: greedy decode, batch 1, KV cache on, {p.get('decode_tokens')} new tokens; median of at least "
+            "3 repetitions and 0.5 s of decoding; spread = fastest / slowest repetition."
+        )
         if first.model_note:
             notes.append(f"Model: {first.model_note}.")
         base = baseline_of(results)
         if base is not None:
-            notes.append(f"Δ ppl % is relative to {base.method}. Device: {first.environment.get('device_name', first.device)}.")
+            notes.append(
+                f"Δ ppl % is relative to {base.method}. Device: {first.environment.get('device_name', first.device)}."
+            )
         notes.extend(_kl_note(done))
     return notes
 
@@ -260,13 +298,18 @@ def _kl_note(done: list[Result]) -> list[str]:
         return []
     references = sorted({str(r.protocol.get("kl_reference")) for r in with_kl})
     p = with_kl[0].protocol
-    blank = " Blank: measured before the reference's distributions were recorded; re-run to fill." \
-        if len(with_kl) < len(done) else ""
-    return [f"KL mean / p99: KL divergence (nats per token) of each method's next-token distribution from "
-            f"{' / '.join(references)}'s, mean and 99th percentile over the same {p.get('n_tokens')} scored tokens; "
-            "top-1 same %: tokens whose most likely next token is unchanged. The reference's distribution is kept as its "
-            f"top {p.get('kl_top_k')} tokens plus {p.get('kl_tail_samples')} tokens drawn from the rest (an estimate within "
-            f"about 1% of the exact mean KL on SmolLM2-135M; see workbench.metrics.divergence). Lower KL is better.{blank}"]
+    blank = (
+        " Blank: measured before the reference's distributions were recorded; re-run to fill."
+        if len(with_kl) < len(done)
+        else ""
+    )
+    return [
+        f"KL mean / p99: KL divergence (nats per token) of each method's next-token distribution from "
+        f"{' / '.join(references)}'s, mean and 99th percentile over the same {p.get('n_tokens')} scored tokens; "
+        "top-1 same %: tokens whose most likely next token is unchanged. The reference's distribution is kept as its "
+        f"top {p.get('kl_top_k')} tokens plus {p.get('kl_tail_samples')} tokens drawn from the rest (an estimate within "
+        f"about 1% of the exact mean KL on SmolLM2-135M; see workbench.metrics.divergence). Lower KL is better.{blank}"
+    ]
 
 
 def format_details(results: list[Result], layers: bool = True) -> str:

@@ -21,21 +21,22 @@ import shutil
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from workbench.core import allocator
-from workbench.sources import data
-from workbench.metrics import divergence, memory, perplexity, speed
 from workbench import methods
+from workbench.core import allocator
 from workbench.core.errors import WorkbenchError
 from workbench.methods import Choice
+from workbench.metrics import divergence, memory, perplexity, speed
 from workbench.run.results import Result
 from workbench.run.session import SEED, SPEED_PROMPT, Session, backend_of, environment  # noqa: F401 (runner.Session)
+from workbench.sources import data
 
 # ---------------------------------------------------------------------------- the two verbs
+
 
 @dataclass
 class Built:
@@ -84,8 +85,12 @@ def build(session: Session, choice: Choice | str, log: Callable[[str], None] = p
         start = time.perf_counter()
         calibration = None
         if method.needs_calibration:
-            calibration = data.calibration_blocks(session.tokenizer, choice.params["samples"], choice.params["block_tokens"])
-        model = method.quantize(methods.QuantizeRequest(session.source, choice.params, session.device, workdir, calibration, log))
+            calibration = data.calibration_blocks(
+                session.tokenizer, choice.params["samples"], choice.params["block_tokens"]
+            )
+        model = method.quantize(
+            methods.QuantizeRequest(session.source, choice.params, session.device, workdir, calibration, log)
+        )
         if choice.adapter:
             from peft import PeftModel
 
@@ -110,9 +115,22 @@ class Measurements:
     divergence: divergence.Stats | None = None
     """KL and top-1 agreement against the reference; None when its distributions are not recorded."""
 
+    def result_fields(self) -> dict:
+        """What each metric measured, as `Result` fields: every field here whose value has
+        `result_fields()` (a metric's value type) contributes its own."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        return {
+            "eval_s": self.eval_s,
+            **{k: v for value in values if hasattr(value, "result_fields") for k, v in value.result_fields().items()},
+        }
 
-def measure(session: Session, built: Built, log: Callable[[str], None] = print,
-                  progress: Callable[[str, int, int], None] | None = None) -> Measurements:
+
+def measure(
+    session: Session,
+    built: Built,
+    log: Callable[[str], None] = print,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Measurements:
     """A warm-up forward pass, then perplexity under the session's protocol with KL against the
     reference in the same pass, then decode speed (when asked for). Measuring the reference
     itself records its distributions for the other methods (and its own KL, measured: 0)."""
@@ -123,10 +141,16 @@ def measure(session: Session, built: Built, log: Callable[[str], None] = print,
     log(f"[{label}] measuring perplexity on {len(session.eval_ids)} tokens...")
     kl = _divergence_for(session, built.choice, log)
     start = time.perf_counter()
-    ppl = perplexity.perplexity(built.model, session.eval_ids, session.eval.max_length, session.eval.stride,
-                                session.eval.batch_for(session.device), session.bos_id,
-                                progress=(lambda done, total: progress(label, done, total)) if progress else None,
-                                divergence=kl)
+    ppl = perplexity.perplexity(
+        built.model,
+        session.eval_ids,
+        session.eval.max_length,
+        session.eval.stride,
+        session.eval.batch_for(session.device),
+        session.bos_id,
+        progress=(lambda done, total: progress(label, done, total)) if progress else None,
+        divergence=kl,
+    )
     eval_s = time.perf_counter() - start
     if kl is not None and kl.reference is None:
         _save_reference(session, kl, label, log)
@@ -150,8 +174,10 @@ def _divergence_for(session: Session, choice: Choice, log) -> divergence.Diverge
         log(f"[{choice.label}] KL not measured: {exc}")
         return None
     if reference is None:
-        log(f"[{choice.label}] KL not measured: {session.reference_method()}'s next-token distributions are not recorded "
-            "for this model, text and protocol (measuring it records them; `compare` does that first).")
+        log(
+            f"[{choice.label}] KL not measured: {session.reference_method()}'s next-token distributions are not recorded "
+            "for this model, text and protocol (measuring it records them; `compare` does that first)."
+        )
         return None
     return divergence.Divergence.against(reference)
 
@@ -169,6 +195,7 @@ def _save_reference(session: Session, kl: divergence.Divergence, label: str, log
 
 # ---------------------------------------------------------------------------- composition
 
+
 @dataclass
 class Evaluated:
     """A run's record, and the built model when the caller asked to keep it."""
@@ -177,9 +204,14 @@ class Evaluated:
     built: Built | None = None
 
 
-def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] = print,
-             progress: Callable[[str, int, int], None] | None = None, keep: bool = False,
-             mode: str = "in-process") -> Evaluated:
+def evaluate(
+    session: Session,
+    choice: Choice | str,
+    log: Callable[[str], None] = print,
+    progress: Callable[[str, int, int], None] | None = None,
+    keep: bool = False,
+    mode: str = "in-process",
+) -> Evaluated:
     """build + measure one choice into a `Result`. Never raises for a method's own failure:
     the result carries the message in `error`. `keep` returns the built model too (the
     caller closes it); `mode` says where this ran (shown in the table)."""
@@ -189,8 +221,10 @@ def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] 
         return Evaluated(failed(session, str(choice), str(exc), mode=mode))
     built = None
     try:
-        with allocator.large_blocks_apart(session.device) as apart, \
-                memory.PeakMemory(session.device, mode in ("worker", "ray"), apart) as peak:
+        with (
+            allocator.large_blocks_apart(session.device) as apart,
+            memory.PeakMemory(session.device, mode in ("worker", "ray"), apart) as peak,
+        ):
             built = build(session, choice, log)
             measured = measure(session, built, log, progress)
     except BaseException as exc:
@@ -206,30 +240,50 @@ def evaluate(session: Session, choice: Choice | str, log: Callable[[str], None] 
     return Evaluated(result)
 
 
-def run_method(session: Session, choice: Choice | str, log: Callable[[str], None] = print,
-               progress: Callable[[str, int, int], None] | None = None) -> Result:
+def run_method(
+    session: Session,
+    choice: Choice | str,
+    log: Callable[[str], None] = print,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Result:
     """`evaluate` in this process, the result only."""
     return evaluate(session, choice, log, progress).result
 
 
 def _result(session: Session, built: Built, measured: Measurements, peak: memory.PeakMemory, mode: str) -> Result:
-    choice, speed, stats = built.choice, measured.speed, measured.divergence
-    kl_protocol = {"kl_reference": session.reference_method(), "kl_top_k": divergence.TOP_K,
-                   "kl_tail_samples": divergence.TAIL_SAMPLES} if stats else {}
+    choice = built.choice
+    kl_protocol = (
+        {
+            "kl_reference": session.reference_method(),
+            "kl_top_k": divergence.TOP_K,
+            "kl_tail_samples": divergence.TAIL_SAMPLES,
+        }
+        if measured.divergence
+        else {}
+    )
     return Result(
-        model=session.source.label, method=choice.method.name, label=choice.label, family=choice.method.family,
-        bits=choice.method.bits_for(choice.params), params=choice.params, adapter=choice.adapter, device=session.device,
-        model_fingerprint=session.fingerprint, backend=backend_of(choice.method), mode=mode,
-        ppl=measured.perplexity.ppl, kl_mean=stats.kl_mean if stats else None, kl_p99=stats.kl_p99 if stats else None,
-        top1_agreement=stats.top1_agreement if stats else None, weight_bytes=built.storage.weight_bytes, bits_per_weight=built.storage.bits_per_weight,
-        peak_bytes=peak.peak_bytes, peak_above_baseline_bytes=peak.above_baseline_bytes, peak_reserved_bytes=peak.reserved_bytes,
-        peak_kind=peak.kind, load_s=built.load_s + measured.warm_up_s, eval_s=measured.eval_s,
-        prefill_ms=speed.prefill_ms if speed else None, decode_tokens_per_s=speed.decode_tokens_per_s if speed else None,
-        decode_spread=speed.decode_spread if speed else None, decode_repeats=speed.repeats if speed else None,
-        kernel=f"{choice.method.kernel}: {built.storage.kernel}", details=built.details,
+        model=session.source.label,
+        method=choice.method.name,
+        label=choice.label,
+        family=choice.method.family,
+        bits=choice.method.bits_for(choice.params),
+        params=choice.params,
+        adapter=choice.adapter,
+        device=session.device,
+        model_fingerprint=session.fingerprint,
+        backend=backend_of(choice.method),
+        mode=mode,
+        **built.storage.result_fields(),
+        **peak.result_fields(),
+        **measured.result_fields(),
+        load_s=built.load_s + measured.warm_up_s,
+        kernel=f"{choice.method.kernel}: {built.storage.kernel}",
+        details=built.details,
         protocol={**session.planned_protocol(), **measured.perplexity.protocol(session.eval_text.name), **kl_protocol},
-        calibration=_calibration_record(choice), environment=environment(session.device, choice.method),
-        model_note=session.source.note, timestamp=now(),
+        calibration=_calibration_record(choice),
+        environment=environment(session.device, choice.method),
+        model_note=session.source.note,
+        timestamp=now(),
     )
 
 
@@ -239,11 +293,24 @@ def failed(session: Session, choice: Choice | str, message: str, mode: str = "in
         method, label, params, adapter = choice.method, choice.label, choice.params, choice.adapter
     else:
         method, label, params, adapter = None, choice, {}, None
-    return Result(model=session.source.label, method=method.name if method else label, label=label,
-                  family=method.family if method else "", bits=method.bits_for(params) if method else 0, params=params,
-                  adapter=adapter, device=session.device, model_fingerprint=session.fingerprint, backend=backend_of(method),
-                  mode=mode, protocol=session.planned_protocol(), error=message,
-                  environment=environment(session.device, method), model_note=session.source.note, timestamp=now())
+    return Result(
+        model=session.source.label,
+        method=method.name if method else label,
+        label=label,
+        family=method.family if method else "",
+        bits=method.bits_for(params) if method else 0,
+        params=params,
+        adapter=adapter,
+        device=session.device,
+        model_fingerprint=session.fingerprint,
+        backend=backend_of(method),
+        mode=mode,
+        protocol=session.planned_protocol(),
+        error=message,
+        environment=environment(session.device, method),
+        model_note=session.source.note,
+        timestamp=now(),
+    )
 
 
 def planned_key(session: Session, choice: Choice) -> str:
@@ -265,11 +332,15 @@ def error_message(exc: Exception, choice: Choice, log) -> str:
 def _calibration_record(choice: Choice) -> dict | None:
     if not choice.method.needs_calibration:
         return None
-    return {"text": data.builtin_calibration_text().name, "samples": choice.params["samples"],
-            "block_tokens": choice.params["block_tokens"]}
+    return {
+        "text": data.builtin_calibration_text().name,
+        "samples": choice.params["samples"],
+        "block_tokens": choice.params["block_tokens"],
+    }
 
 
 # ---------------------------------------------------------------------------- generation
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -290,20 +361,28 @@ def generate_with(session: Session, built: Built, prompt: str, max_new_tokens: i
         inputs = torch.tensor([ids], device=next(built.model.parameters()).device)
         start = time.perf_counter()
         with torch.no_grad():
-            out = built.model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                                       do_sample=False, pad_token_id=session.tokenizer.pad_token_id)
+            out = built.model.generate(
+                inputs,
+                attention_mask=torch.ones_like(inputs),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=session.tokenizer.pad_token_id,
+            )
         seconds = time.perf_counter() - start
     except Exception as exc:
         return Generation(label, error=error_message(exc, built.choice, log))
-    new = out[0, len(ids):]
+    new = out[0, len(ids) :]
     return Generation(label, session.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) / seconds)
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids for a user prompt: through the chat template for instruction-tuned models."""
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
     return tokenizer(prompt)["input_ids"]
 
 

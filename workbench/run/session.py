@@ -11,12 +11,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from workbench.sources import data, models, remote_code
-from workbench.metrics import divergence, perplexity
 from workbench import methods
 from workbench.core.config import EvalConfig, ModelSpec
 from workbench.core.errors import WorkbenchError
 from workbench.methods import Choice
+from workbench.metrics import divergence, perplexity
+from workbench.sources import data, models, remote_code
 
 SPEED_PROMPT = "Quantization stores the weights of a neural network with fewer bits, so that"
 SEED = 0
@@ -51,22 +51,42 @@ class Session:
         config = models.check_causal_lm(source)
         context = models.context_length(config)
         if context is not None and eval_cfg.max_length > context:
-            raise WorkbenchError(f"max_length: {eval_cfg.max_length} tokens per window is beyond {source.label}'s context of "
-                                 f"{context} tokens; use --max-length {context} or less.")
+            raise WorkbenchError(
+                f"max_length: {eval_cfg.max_length} tokens per window is beyond {source.label}'s context of "
+                f"{context} tokens; use --max-length {context} or less."
+            )
         tokenizer = models.load_tokenizer(source)
         text = data.read_text_file(eval_cfg.text_path) if eval_cfg.text_path else data.builtin_eval_text()
         data.check_eval_length(tokenizer, text, eval_cfg.max_tokens, eval_cfg.allow_long)
         ids = data.eval_tokens(tokenizer, text, eval_cfg.max_tokens)
-        return cls(source, device, tokenizer, text, ids, perplexity.expects_bos(tokenizer), eval_cfg,
-                   models.fingerprint(source), hashlib.sha256(text.text.encode()).hexdigest()[:16])
+        return cls(
+            source,
+            device,
+            tokenizer,
+            text,
+            ids,
+            perplexity.expects_bos(tokenizer),
+            eval_cfg,
+            models.fingerprint(source),
+            hashlib.sha256(text.text.encode()).hexdigest()[:16],
+        )
 
     def planned_protocol(self) -> dict:
         """Every setting that changes a measured number; results are reused only when all match."""
-        _, step = perplexity.windows(len(self.eval_ids), self.eval.max_length, self.eval.stride, self.bos_id is not None)
-        return {"text": self.eval_text.name, "text_sha": self.text_sha, "eval_tokens": len(self.eval_ids),
-                "max_length": self.eval.max_length, "stride": step, "bos": self.bos_id is not None,
-                "batch_size": self.eval.batch_for(self.device), "decode_tokens": self.eval.decode_tokens,
-                "warm_up_tokens": len(self.speed_prompt())}
+        _, step = perplexity.windows(
+            len(self.eval_ids), self.eval.max_length, self.eval.stride, self.bos_id is not None
+        )
+        return {
+            "text": self.eval_text.name,
+            "text_sha": self.text_sha,
+            "eval_tokens": len(self.eval_ids),
+            "max_length": self.eval.max_length,
+            "stride": step,
+            "bos": self.bos_id is not None,
+            "batch_size": self.eval.batch_for(self.device),
+            "decode_tokens": self.eval.decode_tokens,
+            "warm_up_tokens": len(self.speed_prompt()),
+        }
 
     def speed_prompt(self) -> list[int]:
         """The prompt of the warm-up pass and of the decode-speed runs, as token ids."""
@@ -88,9 +108,16 @@ class Session:
         The batch size is left out: it changes neither the windows nor their order."""
         protocol = self.planned_protocol()
         tokens = hashlib.sha256(",".join(map(str, self.eval_ids)).encode()).hexdigest()[:16]
-        return {"format": divergence.FORMAT, "top_k": divergence.TOP_K, "tail_samples": divergence.TAIL_SAMPLES,
-                "reference": self.reference_method(), "model": self.fingerprint, "device": self.device, "tokens_sha": tokens,
-                **{name: protocol[name] for name in ("text_sha", "eval_tokens", "max_length", "stride", "bos")}}
+        return {
+            "format": divergence.FORMAT,
+            "top_k": divergence.TOP_K,
+            "tail_samples": divergence.TAIL_SAMPLES,
+            "reference": self.reference_method(),
+            "model": self.fingerprint,
+            "device": self.device,
+            "tokens_sha": tokens,
+            **{name: protocol[name] for name in ("text_sha", "eval_tokens", "max_length", "stride", "bos")},
+        }
 
     def reference_path(self) -> Path:
         return divergence.cache_path(self.reference_key())
@@ -103,9 +130,18 @@ class Session:
 def environment(device: str, method: methods.Method | None) -> dict:
     import torch
 
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    env = {"device_name": name, "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": _version("transformers"), "seed": SEED}
+    name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    )
+    env = {
+        "device_name": name,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "seed": SEED,
+    }
     if method is not None and method.package:
         env[method.package] = _version(method.package)
     return env

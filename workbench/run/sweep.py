@@ -17,10 +17,10 @@ import itertools
 from typing import Callable
 
 from workbench import methods
-from workbench.run.tradeoff import metric_of, pareto_front, trade_off_points
 from workbench.core.errors import WorkbenchError
 from workbench.methods import Choice
 from workbench.run.results import MB, Result
+from workbench.run.tradeoff import metric_of, pareto_front, trade_off_points
 
 EXAMPLE = '--grid "rtn:bits=2,3,4:group_size=32,64" --grid bnb-nf4'
 
@@ -40,8 +40,9 @@ def expand_grid(grid: str) -> list[Choice]:
         keys.add(key)
         options = [value.strip() for value in values.split(",")]
         if not all(options):
-            raise WorkbenchError(f"--grid {grid!r}: {key}={values} has an empty value; separate values with single commas, "
-                                 f"as {key}=2,4.")
+            raise WorkbenchError(
+                f"--grid {grid!r}: {key}={values} has an empty value; separate values with single commas, as {key}=2,4."
+            )
         axes.append([f"{key}={value}" for value in options])
     cells = []
     for combination in itertools.product(*axes):
@@ -71,7 +72,9 @@ def format_front(results: list[Result], metric: str = "ppl") -> str:
     name, _, value = metric_of(metric)
     front, points = pareto_front(results, metric), trade_off_points(results, metric)
     reused = sum(1 for r in results if r.reused_from)
-    lines = [f"Pareto front, {name.lower()} vs weight MB ({len(front)} of {len(points)} cells with both; lower is better):"]
+    lines = [
+        f"Pareto front, {name.lower()} vs weight MB ({len(front)} of {len(points)} cells with both; lower is better):"
+    ]
     if not front:
         lines.append(f"  (no cell has both a {name.lower()} and weight bytes)")
     width = max((len(r.label) for r in front), default=0)

@@ -18,8 +18,7 @@ def _ok(results: list[Result]) -> list[Result]:
 TRADE_OFF_METRICS = {
     # metric: (name, axis title, function of a result)
     "ppl": ("Perplexity", "perplexity (lower is better)", lambda r: r.ppl),
-    "kl": ("KL divergence", "mean KL divergence to the baseline, nats/token (lower is better)",
-           lambda r: r.kl_mean),
+    "kl": ("KL divergence", "mean KL divergence to the baseline, nats/token (lower is better)", lambda r: r.kl_mean),
 }
 """What a trade-off chart can put against weight memory; a result without the value is left out."""
 
@@ -46,7 +45,11 @@ def pareto_front(results: list[Result], metric: str = "ppl") -> list[Result]:
     points = trade_off_points(results, metric)
 
     def dominated(p: Result) -> bool:
-        return any(q.weight_bytes <= p.weight_bytes and value(q) <= value(p)
-                   and (q.weight_bytes < p.weight_bytes or value(q) < value(p)) for q in points)
+        return any(
+            q.weight_bytes <= p.weight_bytes
+            and value(q) <= value(p)
+            and (q.weight_bytes < p.weight_bytes or value(q) < value(p))
+            for q in points
+        )
 
     return sorted((p for p in points if not dominated(p)), key=lambda r: (r.weight_bytes, value(r)))

@@ -38,7 +38,6 @@ SIGNAL_HINTS = {
 }
 
 
-
 @dataclass
 class _Task:
     index: int
@@ -60,7 +59,9 @@ class WorkerProcesses:
         if jobs < 1:
             raise WorkbenchError(f"--jobs: {jobs} is not a number of worker processes; use 1 or more.")
         if timeout_s is not None and not timeout_s > 0:
-            raise WorkbenchError(f"--timeout: {timeout_s} seconds is not a time limit; give a positive number of seconds.")
+            raise WorkbenchError(
+                f"--timeout: {timeout_s} seconds is not a time limit; give a positive number of seconds."
+            )
         self.jobs, self.timeout_s, self.library_log = jobs, timeout_s, library_log
 
     @staticmethod
@@ -98,9 +99,22 @@ class WorkerProcesses:
         receive, send = context.Pipe(duplex=False)
         scratch = Path(tempfile.mkdtemp(prefix="workbench-worker-"))
         threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else None
-        process = context.Process(target=_worker_main, daemon=True, name=f"workbench-{choice.label}",
-                                  args=(send, session.source, session.device, portable_eval(session), choice.text, choice.adapter,
-                                        choice.method.quantize.__module__, str(scratch), threads))
+        process = context.Process(
+            target=_worker_main,
+            daemon=True,
+            name=f"workbench-{choice.label}",
+            args=(
+                send,
+                session.source,
+                session.device,
+                portable_eval(session),
+                choice.text,
+                choice.adapter,
+                choice.method.quantize.__module__,
+                str(scratch),
+                threads,
+            ),
+        )
         process.start()
         send.close()
         log_file = open(scratch / "library.log", "a+", encoding="utf-8", errors="replace")
@@ -122,7 +136,9 @@ class WorkerProcesses:
             ready = task.conn.poll()
         if self.library_log:
             server = _fork_server_output.read() if _fork_server_output else ""
-            for line in server.splitlines() + task.log_file.read().splitlines():  # new library output since the last look
+            for line in (
+                server.splitlines() + task.log_file.read().splitlines()
+            ):  # new library output since the last look
                 self.library_log(line)
 
     def _outcome(self, session, task: _Task) -> Result | None:
@@ -133,8 +149,13 @@ class WorkerProcesses:
             return task.result
         if self.timeout_s is not None and time.monotonic() - task.started > self.timeout_s:
             self._stop(task)
-            return runner.failed(session, task.choice, f"{task.choice.label}: stopped after the per-method time limit of "
-                                 f"{self.timeout_s:g} s (--timeout); raise it for slow methods.", mode="worker")
+            return runner.failed(
+                session,
+                task.choice,
+                f"{task.choice.label}: stopped after the per-method time limit of "
+                f"{self.timeout_s:g} s (--timeout); raise it for slow methods.",
+                mode="worker",
+            )
         if task.process.is_alive() or not task.ended:
             return None
         code = task.process.exitcode
@@ -237,7 +258,7 @@ def _worker_main(conn, source, device, eval_cfg, choice_text, adapter, method_mo
             _evaluate_and_send(conn, source, device, eval_cfg, choice_text, adapter, method_module, threads)
         except Exception:
             traceback.print_exc()  # into the library log, whose last line the parent reports
-            raise SystemExit(1)
+            raise SystemExit(1) from None
     os._exit(0)  # the result is sent: skip the interpreter's teardown (seconds of freeing tensors one by one)
 
 
@@ -254,21 +275,35 @@ def _name_who_terminates() -> None:
         info = signal.sigwaitinfo({signal.SIGTERM})
         print(f"SIGTERM sent by process {info.si_pid} ({_command_line(info.si_pid)})", flush=True)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        os.kill(os.getpid(), signal.SIGTERM)  # delivered to this thread, the one that does not block it: the default action
+        os.kill(
+            os.getpid(), signal.SIGTERM
+        )  # delivered to this thread, the one that does not block it: the default action
 
     threading.Thread(target=wait, daemon=True, name="workbench-sigterm").start()
 
 
 def _command_line(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:160] or "?"
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:160] or "?"
+        )
     except OSError:
         return "no longer running" if pid else "the kernel"
 
 
 def _evaluate_and_send(conn, source, device, eval_cfg, choice_text, adapter, method_module, threads) -> None:
     send = lambda *message: conn.send(message)  # noqa: E731
-    result = evaluate_fresh(source, device, eval_cfg, choice_text, adapter, method_module, threads, "worker",
-                             lambda message: send("log", message), lambda label, done, total: send("progress", label, done, total))
+    result = evaluate_fresh(
+        source,
+        device,
+        eval_cfg,
+        choice_text,
+        adapter,
+        method_module,
+        threads,
+        "worker",
+        lambda message: send("log", message),
+        lambda label, done, total: send("progress", label, done, total),
+    )
     send("result", result)
     conn.close()

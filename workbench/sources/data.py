@@ -20,7 +20,7 @@ LONG_EVAL_TOKENS = 1_000_000
 test split, the GPTQ papers' protocol, is about 300k."""
 TOKENIZE_BYTES_PER_TOKEN = 650
 """Peak memory of tokenizing, per token: a fast tokenizer keeps ids, offsets and token strings
-(measured on SmolLM2's tokenizer, 1.1M tokens: ~650 bytes each)."""
+for every token of the text at once (a fast BPE tokenizer's peak on a long text, rounded up)."""
 DEFAULT_EVAL_TOKENS = 4096
 
 
@@ -56,9 +56,13 @@ def read_text_file(path: str) -> Text:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise WorkbenchError(f"eval text {path!r}: not UTF-8 text (byte {exc.start}). Save it as UTF-8 plain text.") from None
+        raise WorkbenchError(
+            f"eval text {path!r}: not UTF-8 text (byte {exc.start}). Save it as UTF-8 plain text."
+        ) from None
     if not text.strip():
-        raise WorkbenchError(f"eval text {path!r}: the file is empty. Give a file with at least a few paragraphs of text.")
+        raise WorkbenchError(
+            f"eval text {path!r}: the file is empty. Give a file with at least a few paragraphs of text."
+        )
     return Text(file.name, text)
 
 
@@ -69,7 +73,9 @@ def eval_tokens(tokenizer, text: Text, max_tokens: int) -> list[int]:
     ids = tokenizer(chars, add_special_tokens=False)["input_ids"]
     ids = ids[:max_tokens] if max_tokens else ids
     if len(ids) < MIN_EVAL_TOKENS:
-        raise WorkbenchError(f"eval text {text.name!r}: only {len(ids)} tokens; perplexity needs at least {MIN_EVAL_TOKENS}. Give a longer text.")
+        raise WorkbenchError(
+            f"eval text {text.name!r}: only {len(ids)} tokens; perplexity needs at least {MIN_EVAL_TOKENS}. Give a longer text."
+        )
     return ids
 
 
@@ -90,7 +96,8 @@ def check_eval_length(tokenizer, text: Text, max_tokens: int, allow_long: bool =
         f"eval text {text.name!r}: about {tokens:,} tokens to score with {which}; each method's evaluation would take "
         f"{tokens / DEFAULT_EVAL_TOKENS:,.0f}x as long as with the default {DEFAULT_EVAL_TOKENS:,} tokens, and tokenizing it "
         f"needs about {tokens * TOKENIZE_BYTES_PER_TOKEN / 2**30:.1f} GB of memory. Set --max-tokens (e.g. {DEFAULT_EVAL_TOKENS}), "
-        "or pass --allow-long-eval (EvalConfig(allow_long=True)) to measure it all.")
+        "or pass --allow-long-eval (EvalConfig(allow_long=True)) to measure it all."
+    )
 
 
 def calibration_blocks(tokenizer, samples: int, block_tokens: int, text: Text | None = None) -> list[list[int]]:
@@ -99,13 +106,16 @@ def calibration_blocks(tokenizer, samples: int, block_tokens: int, text: Text | 
     needed = samples * block_tokens
     ids = tokenizer(text.text[: needed * 8], add_special_tokens=False)["input_ids"]
     if len(ids) < needed:
-        raise WorkbenchError(f"calibration: {text.name!r} has {len(ids)} tokens, fewer than {samples} blocks x {block_tokens}. Lower the sample count or block length.")
+        raise WorkbenchError(
+            f"calibration: {text.name!r} has {len(ids)} tokens, fewer than {samples} blocks x {block_tokens}. Lower the sample count or block length."
+        )
     return [ids[i * block_tokens : (i + 1) * block_tokens] for i in range(samples)]
 
 
 # ---------------------------------------------------------------------------- fine-tuning sets
 # {instruction, response} rows. The bundled set ships inside the package (package data), so
 # `importlib.resources` finds it in an editable install and in an installed wheel alike.
+
 
 def _bundled_finetune_dir() -> Path:
     from importlib.resources import files
@@ -120,8 +130,10 @@ FINETUNE_DIR = _bundled_finetune_dir()
 def data_folder() -> Path:
     """The bundled fine-tuning set, with an actionable error when the package was installed without it."""
     if not (FINETUNE_DIR / "train.jsonl").is_file():
-        raise WorkbenchError(f"fine-tuning data: the bundled set is not at {FINETUNE_DIR} (the package was installed without its "
-                             "datasets/ package data). Give data_path=<your .jsonl/.csv>, or regenerate it with `python data/make_finetune_set.py`.")
+        raise WorkbenchError(
+            f"fine-tuning data: the bundled set is not at {FINETUNE_DIR} (the package was installed without its "
+            "datasets/ package data). Give data_path=<your .jsonl/.csv>, or regenerate it with `python data/make_finetune_set.py`."
+        )
     return FINETUNE_DIR
 
 
@@ -143,8 +155,12 @@ def read_rows(path: Path) -> list[dict]:
     except OSError as exc:
         raise WorkbenchError(f"fine-tuning data {str(path)!r}: cannot read it ({exc.strerror or exc}).") from None
     for number, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip() for k in ("instruction", "response")):
-            raise WorkbenchError(f"fine-tuning data {str(path)!r}, row {number}: needs non-empty 'instruction' and 'response' fields.")
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) and row[k].strip() for k in ("instruction", "response")
+        ):
+            raise WorkbenchError(
+                f"fine-tuning data {str(path)!r}, row {number}: needs non-empty 'instruction' and 'response' fields."
+            )
     if not rows:
         raise WorkbenchError(f"fine-tuning data {str(path)!r}: no rows.")
     return [{"instruction": r["instruction"], "response": r["response"]} for r in rows]
@@ -161,7 +177,9 @@ def load_rows(data_path: str | None) -> tuple[list[dict], list[dict], list[dict]
         train, heldout = read_rows(path), None
     if heldout is None:
         if len(train) < 2:
-            raise WorkbenchError(f"fine-tuning data {str(path)!r}: needs at least 2 rows (one is held out for evaluation).")
+            raise WorkbenchError(
+                f"fine-tuning data {str(path)!r}: needs at least 2 rows (one is held out for evaluation)."
+            )
         cut = max(1, len(train) // 10)
         train, heldout = train[:-cut], train[-cut:]
     prompts = read_rows(path / "prompts.json") if path.is_dir() and (path / "prompts.json").is_file() else heldout[:5]

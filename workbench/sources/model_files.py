@@ -9,7 +9,7 @@
   short or not safetensors are refused with one message before any loader sees them (a
   damaged conversion cache names the command that clears it).
 - `check_gguf`: an empty file, or one that does not start with the GGUF magic, is refused
-  before the ~20 s conversion starts.
+  before the conversion (tens of seconds) starts.
 - `conversion_lock`: two processes converting the same .gguf for the first time take turns;
   the second waits and reuses the first one's result.
 """
@@ -36,8 +36,14 @@ SKIPPED_SUFFIXES = (".md", ".lock", ".partial")
 
 def content_files(folder: Path) -> list[Path]:
     """The files that make a model what it is: every top-level file except hidden ones and docs."""
-    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
-                  and f.suffix not in SKIPPED_SUFFIXES and not f.name.upper().startswith("LICENSE"))
+    return sorted(
+        f
+        for f in folder.iterdir()
+        if f.is_file()
+        and not f.name.startswith(".")
+        and f.suffix not in SKIPPED_SUFFIXES
+        and not f.name.upper().startswith("LICENSE")
+    )
 
 
 def content_fingerprint(folder: Path, cache_file: Path) -> str:
@@ -48,12 +54,16 @@ def content_fingerprint(folder: Path, cache_file: Path) -> str:
         stat = file.stat()
         key, entry = str(file.resolve()), None
         cached = cache.get(key)
-        if isinstance(cached, dict) and cached.get("size") == stat.st_size and cached.get("mtime_ns") == stat.st_mtime_ns:
+        if (
+            isinstance(cached, dict)
+            and cached.get("size") == stat.st_size
+            and cached.get("mtime_ns") == stat.st_mtime_ns
+        ):
             entry = cached.get("sha256")
         if not isinstance(entry, str):
             entry = _sha256(file)
             if stat.st_size >= CACHED_HASH_BYTES and time.time_ns() - stat.st_mtime_ns > RACY_NS:
-                cache[key], changed = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": entry}, True
+                cache[key], changed = ({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": entry}, True)
         digest.update(f"{file.name}\0{stat.st_size}\0{entry}\n".encode())
     if changed:
         _write_cache(cache_file, cache)
@@ -89,6 +99,7 @@ def _write_cache(cache_file: Path, cache: dict) -> None:
 
 # ---------------------------------------------------------------------------- checks
 
+
 def folder_problem(folder: Path) -> str | None:
     """What is wrong with a model folder's config.json or safetensors files, or None."""
     try:
@@ -118,8 +129,11 @@ def safetensors_problem(file: Path) -> str | None:
             header = json.loads(data.read(length))
     except (struct.error, ValueError):
         return f"is not a safetensors file, or is cut short ({size:,} bytes)"
-    ends = [entry["data_offsets"][1] for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2]
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2
+    ]
     expected = 8 + length + max(ends, default=0)
     if size != expected:
         return f"is {size:,} bytes but its header describes {expected:,}: it was cut short or damaged"
@@ -135,22 +149,30 @@ def _missing_shards(folder: Path) -> str | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"{index.name} is not a valid shard index"
     missing = sorted(s for s in shards if not (folder / s).is_file())
-    return f"{len(missing)} weight shard(s) listed in {index.name} are missing: {', '.join(missing[:3])}" if missing else None
+    return (
+        f"{len(missing)} weight shard(s) listed in {index.name} are missing: {', '.join(missing[:3])}"
+        if missing
+        else None
+    )
 
 
 def check_folder(folder: Path, name: str) -> None:
     """Refuse a user's model folder whose files are damaged, before anything loads it."""
     problem = folder_problem(folder)
     if problem:
-        raise WorkbenchError(f"model {name!r}: {problem}. Copy or download the model again (save_pretrained writes a whole folder).")
+        raise WorkbenchError(
+            f"model {name!r}: {problem}. Copy or download the model again (save_pretrained writes a whole folder)."
+        )
 
 
 def check_converted(folder: Path, source_name: str) -> Path:
     """A cached conversion, or an error naming the command that clears it when it is damaged."""
     problem = folder_problem(folder)
     if problem:
-        raise WorkbenchError(f"model {source_name!r}: its converted copy in the cache is damaged ({problem}). "
-                             f"Clear it with `rm -rf '{folder}'` and run again: it is converted anew (about 20 s).")
+        raise WorkbenchError(
+            f"model {source_name!r}: its converted copy in the cache is damaged ({problem}). "
+            f"Clear it with `rm -rf '{folder}'` and run again: it is converted anew (about 20 s)."
+        )
     return folder
 
 
@@ -161,8 +183,10 @@ def check_gguf(path: Path, name: str) -> None:
     if not magic:
         raise WorkbenchError(f"model {name!r}: the file is empty. Download the .gguf file again.")
     if magic != b"GGUF":
-        raise WorkbenchError(f"model {name!r}: not a GGUF file (it does not start with the GGUF magic bytes). "
-                             "Give a .gguf model file, a model folder or a hub id.")
+        raise WorkbenchError(
+            f"model {name!r}: not a GGUF file (it does not start with the GGUF magic bytes). "
+            "Give a .gguf model file, a model folder or a hub id."
+        )
 
 
 @contextlib.contextmanager

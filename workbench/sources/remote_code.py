@@ -17,8 +17,10 @@ from pathlib import Path
 from workbench.core.errors import WorkbenchError
 
 CONFIG_FILES = ("config.json", "tokenizer_config.json")
-OPT_IN = ("--trust-remote-code (command line), tick \"trust remote code\" in the ModelPicker, "
-          "or ModelSpec(..., trust_remote_code=True) in Python")
+OPT_IN = (
+    '--trust-remote-code (command line), tick "trust remote code" in the ModelPicker, '
+    "or ModelSpec(..., trust_remote_code=True) in Python"
+)
 
 
 def check(source) -> None:
@@ -36,9 +38,11 @@ def refusal(label: str, filename: str, auto_map) -> str:
     """The one message: which file would run, why, and how to allow it."""
     files = ", ".join(code_files(auto_map))
     entries = "; ".join(f"{key} -> {value}" for key, value in _entries(auto_map))
-    return (f"model {label!r}: its {filename} asks to run Python code shipped with the model: {files} "
-            f"(auto_map: {entries}). The workbench runs no code from a model unless you say so. Read that code first; "
-            f"if you trust it, use {OPT_IN}.")
+    return (
+        f"model {label!r}: its {filename} asks to run Python code shipped with the model: {files} "
+        f"(auto_map: {entries}). The workbench runs no code from a model unless you say so. Read that code first; "
+        f"if you trust it, use {OPT_IN}."
+    )
 
 
 def code_files(auto_map) -> list[str]:

@@ -1,6 +1,6 @@
 """Quantization by hand, for the basics notebook: number formats, absmax and zero-point
-int8 on a real weight matrix, scale granularity, 4-bit grids, activation outliers, and a
-hand-written GPTQ pass against round-to-nearest. The figures are in `teach_charts`.
+int8 on a real weight matrix, scale granularity, 4-bit grids and activation outliers. A
+hand-written GPTQ pass against round-to-nearest is in `teach.gptq`, the figures in `teach.charts`.
 
 These are the textbook formulas (Dettmers et al., LLM.int8 and QLoRA; Frantar et al., GPTQ;
 Maarten Grootendorst's introduction in shared/reference), written out so a learner can see
@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 # ---------------------------------------------------------------------------- number formats
+
 
 def bit_fields() -> dict[str, list[tuple[str, int]]]:
     """Each format's fields from the most significant bit down, derived from torch.finfo:
@@ -43,20 +43,37 @@ def number_formats() -> list[dict]:
         bits = dict(fields)
         if name == "int8":
             info = torch.iinfo(torch.int8)
-            numbers = {"largest": info.max, "smallest": info.min, "smallest positive (normal)": 1,
-                       "step at 1.0": 1, "step at the largest": 1}
+            numbers = {
+                "largest": info.max,
+                "smallest": info.min,
+                "smallest positive (normal)": 1,
+                "step at 1.0": 1,
+                "step at the largest": 1,
+            }
         else:
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
             info = torch.finfo(dtype)
-            numbers = {"largest": info.max, "smallest": info.min, "smallest positive (normal)": info.tiny,
-                       "step at 1.0": info.eps, "step at the largest": step_below(info.max, dtype)}
-        rows.append({"format": name, "bits": sum(bits.values()), "exponent bits": bits.get("exponent", 0),
-                     "mantissa / value bits": bits.get("mantissa", bits.get("value")),
-                     **{key: f"{value:.6g}" for key, value in numbers.items()}})
+            numbers = {
+                "largest": info.max,
+                "smallest": info.min,
+                "smallest positive (normal)": info.tiny,
+                "step at 1.0": info.eps,
+                "step at the largest": step_below(info.max, dtype),
+            }
+        rows.append(
+            {
+                "format": name,
+                "bits": sum(bits.values()),
+                "exponent bits": bits.get("exponent", 0),
+                "mantissa / value bits": bits.get("mantissa", bits.get("value")),
+                **{key: f"{value:.6g}" for key, value in numbers.items()},
+            }
+        )
     return rows
 
 
 # ---------------------------------------------------------------------------- int8 by hand
+
 
 @dataclass(frozen=True)
 class RoundTrip:
@@ -111,24 +128,47 @@ def worked_example(weight, count: int = 8, row: int = 0) -> dict:
     zero-point int8 (each with its own scale computed from these values alone)."""
     columns = list(range(0, weight.shape[1], weight.shape[1] // count))[:count]
     values = weight[row, columns].detach().float()
-    return {"values": values, "absmax": absmax_int8(values), "zeropoint": zeropoint_int8(values),
-            "where": f"row {row}, columns {', '.join(map(str, columns))}"}
+    return {
+        "values": values,
+        "absmax": absmax_int8(values),
+        "zeropoint": zeropoint_int8(values),
+        "where": f"row {row}, columns {', '.join(map(str, columns))}",
+    }
 
 
 def worked_example_table(example: dict) -> list[dict]:
     absmax, zeropoint = example["absmax"], example["zeropoint"]
-    return [{"weight": f"{w:+.5f}", "absmax code": int(a), "absmax dequantized": f"{ra:+.5f}",
-             "zero-point code": int(z), "zero-point dequantized": f"{rz:+.5f}"}
-            for w, a, ra, z, rz in zip(example["values"].tolist(), absmax.quantized.tolist(), absmax.restored.tolist(),
-                                       zeropoint.quantized.tolist(), zeropoint.restored.tolist())]
+    return [
+        {
+            "weight": f"{w:+.5f}",
+            "absmax code": int(a),
+            "absmax dequantized": f"{ra:+.5f}",
+            "zero-point code": int(z),
+            "zero-point dequantized": f"{rz:+.5f}",
+        }
+        for w, a, ra, z, rz in zip(
+            example["values"].tolist(),
+            absmax.quantized.tolist(),
+            absmax.restored.tolist(),
+            zeropoint.quantized.tolist(),
+            zeropoint.restored.tolist(),
+        )
+    ]
 
 
 def error_table(weight, trips: list[RoundTrip]) -> list[dict]:
-    return [{"scheme": t.name, "mean |error|": f"{t.mean_abs_error(weight):.2e}",
-             "max |error|": f"{t.error(weight).abs().max().item():.2e}"} for t in trips]
+    return [
+        {
+            "scheme": t.name,
+            "mean |error|": f"{t.mean_abs_error(weight):.2e}",
+            "max |error|": f"{t.error(weight).abs().max().item():.2e}",
+        }
+        for t in trips
+    ]
 
 
 # ---------------------------------------------------------------------------- granularity
+
 
 def absmax_quantize(weight, bits: int, granularity="row") -> RoundTrip:
     """Symmetric `bits`-bit codes in [-(2^(bits-1) - 1), 2^(bits-1) - 1], with one scale for the
@@ -145,7 +185,12 @@ def absmax_quantize(weight, bits: int, granularity="row") -> RoundTrip:
     else:
         if cols % granularity:
             raise ValueError(f"group size {granularity} does not divide the row length {cols}")
-        absmax = weight.reshape(rows, cols // granularity, granularity).abs().amax(dim=2).repeat_interleave(granularity, dim=1)
+        absmax = (
+            weight.reshape(rows, cols // granularity, granularity)
+            .abs()
+            .amax(dim=2)
+            .repeat_interleave(granularity, dim=1)
+        )
     scale = top / absmax.clamp_min(1e-12)
     codes = torch.round(weight * scale).clamp(-top, top)
     label = granularity if granularity in ("tensor", "row") else f"groups of {granularity}"
@@ -156,8 +201,12 @@ def granularity_study(weight, bits: int = 4, rows: int = 32, cols: int = 64, gro
     """A crop of the weight quantized with one scale per tensor (the crop), per row and per group."""
     crop = weight[:rows, :cols].detach().float()
     granularities = ("tensor", "row", group)
-    return {"weight": crop, "trips": [absmax_quantize(crop, bits, g) for g in granularities], "bits": bits,
-            "granularities": granularities}
+    return {
+        "weight": crop,
+        "trips": [absmax_quantize(crop, bits, g) for g in granularities],
+        "bits": bits,
+        "granularities": granularities,
+    }
 
 
 def granularity_table(weight, study: dict) -> list[dict]:
@@ -165,10 +214,15 @@ def granularity_table(weight, study: dict) -> list[dict]:
     rows = []
     for granularity, crop in zip(study["granularities"], study["trips"]):
         whole = absmax_quantize(weight.detach().float(), study["bits"], granularity)
-        rows.append({"one scale per": crop.name.split("per ")[-1], "scales in the whole matrix":
-                     whole.scale.numel() // (granularity if isinstance(granularity, int) else 1),
-                     "mean |error|, crop": f"{crop.mean_abs_error(study['weight']):.2e}",
-                     "mean |error|, whole matrix": f"{whole.mean_abs_error(weight):.2e}"})
+        rows.append(
+            {
+                "one scale per": crop.name.split("per ")[-1],
+                "scales in the whole matrix": whole.scale.numel()
+                // (granularity if isinstance(granularity, int) else 1),
+                "mean |error|, crop": f"{crop.mean_abs_error(study['weight']):.2e}",
+                "mean |error|, whole matrix": f"{whole.mean_abs_error(weight):.2e}",
+            }
+        )
     return rows
 
 
@@ -179,6 +233,7 @@ def error_histogram_data(weight, bits: int, granularity) -> RoundTrip:
 
 # ---------------------------------------------------------------------------- 4-bit grids
 
+
 def four_bit_levels() -> dict[str, list[float]]:
     """The values a 4-bit code can mean, relative to the block's absmax: NF4 puts them at
     quantiles of a normal distribution (dense near zero, where weights are); FP4 and a uniform
@@ -188,9 +243,11 @@ def four_bit_levels() -> dict[str, list[float]]:
     with library_output(LIBRARY_LOG):  # bitsandbytes reports the CPU kernels it lacks on import
         from bitsandbytes.functional import get_4bit_type
 
-    return {"nf4": sorted(get_4bit_type("nf4", device="cpu").tolist()),
-            "fp4": sorted(get_4bit_type("fp4", device="cpu").tolist()),
-            "int4 (absmax)": [i / 7 for i in range(-7, 8)]}
+    return {
+        "nf4": sorted(get_4bit_type("nf4", device="cpu").tolist()),
+        "fp4": sorted(get_4bit_type("fp4", device="cpu").tolist()),
+        "int4 (absmax)": [i / 7 for i in range(-7, 8)],
+    }
 
 
 def blockwise_round_trip(weight, levels: list[float], block: int = 64):
@@ -213,8 +270,14 @@ def four_bit_errors(weight, block: int = 64) -> list[dict]:
     for name, levels in four_bit_levels().items():
         restored, original = blockwise_round_trip(weight, levels, block)
         error = restored - original
-        rows.append({"grid": name, "distinct levels": len(set(levels)), "mean |error|": error.abs().mean().item(),
-                     "RMS error": error.pow(2).mean().sqrt().item()})
+        rows.append(
+            {
+                "grid": name,
+                "distinct levels": len(set(levels)),
+                "mean |error|": error.abs().mean().item(),
+                "RMS error": error.pow(2).mean().sqrt().item(),
+            }
+        )
     return rows
 
 
@@ -226,23 +289,6 @@ def block_normalized(weight, block: int = 64):
 
 
 # ---------------------------------------------------------------------------- activation outliers
-
-def activation_outliers(model, tokenizer, text: str, layer: int = -3, threshold: float = 6.0, tokens: int = 256) -> dict:
-    """Largest |activation| per feature entering one block's MLP down-projection, on `text`.
-
-    LLM.int8() keeps features above `threshold` in 16-bit: such outlier features carry large
-    values that int8 rounding would otherwise destroy."""
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
-    inputs = layer_inputs(model, layer, [ids[0].tolist()])
-    peaks = inputs.abs().amax(dim=1)
-    return {"peaks": peaks, "outliers": int((peaks > threshold).sum()), "features": peaks.numel(),
-            "threshold": threshold, "tokens": inputs.shape[1], "layer": _layer_name(model, layer)}
-
-
-# ---------------------------------------------------------------------------- GPTQ by hand
-
-def _layer_name(model, layer: int) -> str:
-    return f"model.layers[{layer % len(model.model.layers)}].mlp.down_proj"
 
 
 class _Captured(Exception):
@@ -271,104 +317,28 @@ def layer_inputs(model, layer: int, blocks: list[list[int]]):
     return captured[0].float().T.contiguous()
 
 
-def hessian(inputs):
-    """H = 2 X X^T: the curvature of the layer-output error ||(W - Q) X||^2 in each row of W."""
-    return 2 * inputs @ inputs.T
+def _layer_name(model, layer: int) -> str:
+    return f"model.layers[{layer % len(model.model.layers)}].mlp.down_proj"
 
 
-@dataclass(frozen=True)
-class GptqStep:
-    """One column of the pass: what was rounded, and what the others received for it."""
+def activation_outliers(
+    model, tokenizer, text: str, layer: int = -3, threshold: float = 6.0, tokens: int = 256
+) -> dict:
+    """Largest |activation| per feature entering one block's MLP down-projection, on `text`.
 
-    column: int
-    before: object
-    """The column as the earlier steps left it (what gets quantized)."""
-    quantized: object
-    error: object
-    """before - quantized: the rounding error of this column."""
-    update: object
-    """What was added to the columns after this one (rows x remaining columns)."""
-
-
-@dataclass(frozen=True)
-class GptqResult:
-    restored: object
-    step: GptqStep | None
-
-
-def gptq_quantize(weight, hess, bits: int = 4, group: int | None = 64, damp: float = 0.01, record: int | None = None) -> GptqResult:
-    """GPTQ (Frantar et al. 2022, Algorithm 1), absmax codes as in `absmax_quantize`: one scale
-    per row (`group=None`), or per group of `group` columns taken from the weights as the pass
-    reaches that group.
-
-    Columns are quantized left to right. With U the upper Cholesky factor of H^-1 (H damped by
-    `damp` x its mean diagonal), column i's rounding error divided by U[i, i] is spread onto
-    the later columns along U[i, i+1:]: the optimal (OBS) correction given the inputs' curvature.
-    As in the paper, the columns after the current batch of 128 receive the batch's corrections
-    at once (the same sums, one matrix product). `record` keeps one column's step for a figure."""
-    import torch
-
-    w = weight.detach().clone()
-    h = hess.detach().clone().to(w.dtype)
-    dead = torch.diag(h) == 0  # a feature that is always 0: its weights do not matter
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    top = 2 ** (bits - 1) - 1
-    batch = group * max(1, 128 // group) if group else 128  # a group never straddles two batches
-    restored = torch.zeros_like(w)
-    scale = top / w.abs().amax(dim=1).clamp_min(1e-12)
-    step = None
-    for start in range(0, w.shape[1], batch):
-        end = min(start + batch, w.shape[1])
-        spread = torch.zeros(w.shape[0], end - start, dtype=w.dtype)
-        for i in range(start, end):
-            if group is not None and i % group == 0:
-                scale = top / w[:, i:i + group].abs().amax(dim=1).clamp_min(1e-12)
-            column = w[:, i].clone()
-            restored[:, i] = torch.round(column * scale).clamp(-top, top) / scale
-            error = column - restored[:, i]
-            spread[:, i - start] = error / u[i, i]
-            w[:, i + 1:end] -= torch.outer(spread[:, i - start], u[i, i + 1:end])
-            if record == i:
-                step = GptqStep(i, column, restored[:, i].clone(), error, -torch.outer(spread[:, i - start], u[i, i + 1:]))
-        w[:, end:] -= spread @ u[start:end, end:]
-    return GptqResult(restored, step)
-
-
-def output_error(weight, restored, inputs) -> dict:
-    """||(W - Q) X|| per output feature (row of W), and for the whole layer relative to ||W X||."""
-    difference = (restored - weight) @ inputs
-    return {"per_feature": difference.norm(dim=1), "relative": (difference.norm() / (weight @ inputs).norm()).item()}
-
-
-def gptq_vs_rtn(model, tokenizer, layer: int = -3, tokens: int = 1024, bits: int = 4, group: int = 64,
-                damp: float = 0.1, record: int = 0) -> dict:
-    """One layer quantized by round-to-nearest and by GPTQ (calibrated on `tokens` tokens of the
-    bundled calibration text), each scored on those tokens and on as many held-out evaluation tokens."""
-    from workbench.sources import data
-
-    block = 256
-    calibration = layer_inputs(model, layer, data.calibration_blocks(tokenizer, max(1, tokens // block), block))
-    eval_ids = tokenizer(data.builtin_eval_text().text[: tokens * 8], add_special_tokens=False)["input_ids"]
-    held_out = layer_inputs(model, layer, [eval_ids[i:i + block] for i in range(0, max(1, tokens // block) * block, block)])
-    weight = model.model.layers[layer].mlp.down_proj.weight.detach().float()
-    rtn = absmax_quantize(weight, bits, group).restored
-    gptq = gptq_quantize(weight, hessian(calibration), bits, group, damp, record)
-    return {"layer": _layer_name(model, layer), "bits": bits, "group": group, "tokens": calibration.shape[1], "damp": damp,
-            "weight": weight, "step": gptq.step,
-            "rtn": {"calibration": output_error(weight, rtn, calibration), "held out": output_error(weight, rtn, held_out)},
-            "gptq": {"calibration": output_error(weight, gptq.restored, calibration),
-                     "held out": output_error(weight, gptq.restored, held_out)}}
-
-
-def gptq_table(study: dict) -> list[dict]:
-    tokens = study["tokens"]
-    return [{"method": name.upper(),
-             f"relative output error, {tokens} calibration tokens": f"{study[name]['calibration']['relative']:.4f}",
-             f"relative output error, {tokens} held-out tokens": f"{study[name]['held out']['relative']:.4f}"}
-            for name in ("rtn", "gptq")]
+    LLM.int8() keeps features above `threshold` in 16-bit: such outlier features carry large
+    values that int8 rounding would otherwise destroy."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
+    inputs = layer_inputs(model, layer, [ids[0].tolist()])
+    peaks = inputs.abs().amax(dim=1)
+    return {
+        "peaks": peaks,
+        "outliers": int((peaks > threshold).sum()),
+        "features": peaks.numel(),
+        "threshold": threshold,
+        "tokens": inputs.shape[1],
+        "layer": _layer_name(model, layer),
+    }
 
 
 # ---------------------------------------------------------------------------- the whole model

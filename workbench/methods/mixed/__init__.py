@@ -67,8 +67,9 @@ def choose(source, params: dict, log=print):
     check_group_size("mixed", group, source)
     unit = "block" if params["granularity"] == "block" else "layer"
     method = map_method(widths, group)
-    smap, _ = sensitivity.load_or_compute(source, method.method.fake_quantize(method.params), method.text,
-                                          params["map_tokens"], unit, log=log)
+    smap, _ = sensitivity.load_or_compute(
+        source, method.method.fake_quantize(method.params), method.text, params["map_tokens"], unit, log=log
+    )
     budget = mixed.budget_from_mb(params["budget_mb"], smap) if params["budget_mb"] > 0 else params["budget_bits"]
     chosen = mixed.plan(smap, budget, widths, params["granularity"], cost=lambda w: stored_bits(w, group))
     return (mixed.against_map(chosen) if params["placement"] == "against" else chosen), smap
@@ -103,8 +104,13 @@ def _reload(folder, request):
     from gptqmodel import BACKEND, GPTQModel
 
     with logs_outside_cwd():
-        wrapped = GPTQModel.load(str(folder), device=request.device, backend=BACKEND.TORCH, dtype=torch.float16,
-                                 trust_remote_code=request.source.trust_remote_code)
+        wrapped = GPTQModel.load(
+            str(folder),
+            device=request.device,
+            backend=BACKEND.TORCH,
+            dtype=torch.float16,
+            trust_remote_code=request.source.trust_remote_code,
+        )
     model = wrapped.model.eval()
     _to_dtype_outside_quantized(model, models.compute_dtype(request.device))
     return model
@@ -125,8 +131,15 @@ def _to_dtype_outside_quantized(model, dtype) -> None:
 def _write_plan(chosen: mixed.Plan, smap, params: dict, workdir, log) -> None:
     """The plan as JSON in the checkpoint folder (it goes along when the model is saved) and in
     the map cache (it outlives the working folder), so a table can show it on demand."""
-    record = json.dumps({"params": params, "map": {"method": smap.method, "tokens": smap.tokens, "text": smap.text},
-                         "summary": chosen.summary(), "plan": chosen.to_dict()}, indent=1)
+    record = json.dumps(
+        {
+            "params": params,
+            "map": {"method": smap.method, "tokens": smap.tokens, "text": smap.text},
+            "summary": chosen.summary(),
+            "plan": chosen.to_dict(),
+        },
+        indent=1,
+    )
     digest = hashlib.sha256(json.dumps([smap.fingerprint, params], sort_keys=True).encode()).hexdigest()[:16]
     folder = sensitivity.default_folder() / "plans"
     try:
@@ -144,8 +157,12 @@ PLAN_FILE = "mixed_plan.json"
 def _details(workdir) -> dict:
     """The chosen plan, for the result: one summary line, the stored bits and each layer's bits."""
     record = json.loads((workdir / PLAN_FILE).read_text(encoding="utf-8"))
-    return {"summary": record["summary"], "stored_bits": record["plan"]["stored_bits"],
-            "map": record["map"], "layer_bits": record["plan"]["layer_bits"]}
+    return {
+        "summary": record["summary"],
+        "stored_bits": record["plan"]["stored_bits"],
+        "map": record["map"],
+        "layer_bits": record["plan"]["layer_bits"],
+    }
 
 
 def _storage(method, params, device):
@@ -153,20 +170,44 @@ def _storage(method, params, device):
     return params["budget_bits"], compute_bits(device)
 
 
-METHODS = (Method(
-    name="mixed", family="gptq", bits=3, backend="gptqmodel", pip=PIP,
-    summary="Per-block bits from a sensitivity map under a size budget (RTN in GPTQ's format, per-module overrides).",
-    params=(Param("base", "rtn", "The quantizer each layer is given its bits with.", ("rtn",)),
-            Param("budget_bits", 3.5, "Mean stored bits per block-linear weight, scales included (3-bit at group 64 costs 3.35).", minimum=1.0),
+METHODS = (
+    Method(
+        name="mixed",
+        family="gptq",
+        bits=3,
+        backend="gptqmodel",
+        pip=PIP,
+        summary="Per-block bits from a sensitivity map under a size budget (RTN in GPTQ's format, per-module overrides).",
+        params=(
+            Param("base", "rtn", "The quantizer each layer is given its bits with.", ("rtn",)),
+            Param(
+                "budget_bits",
+                3.5,
+                "Mean stored bits per block-linear weight, scales included (3-bit at group 64 costs 3.35).",
+                minimum=1.0,
+            ),
             Param("budget_mb", 0.0, "Budget in MB of block-linear weights instead (0: use budget_bits).", minimum=0.0),
             Param("widths", "3,4,8", "Widths to choose from, comma-separated."),
             Param("group_size", 64, "Weights per scale group (every width).", minimum=-1),
             Param("granularity", "block", "Choose bits per block or per layer.", mixed.GRANULARITIES),
             Param("map_tokens", 512, "Calibration-text tokens the sensitivity map is measured on.", minimum=32),
-            Param("placement", "map", "map: most sensitive get more bits; against: the same widths on the least sensitive (a control).",
-                  ("map", "against"))),
-    quantize=_quantize, save=save_checkpoint, reload=_reload, kernel="gptqmodel", storage=_storage,
-    storage_note="the budget is an upper bound; the plan may spend a little less", details=_details,
-    limits=("Builds a sensitivity map on first use, then reuses it: SmolLM2 on 2 busy CPU cores, 512 tokens, took ~70 s "
-            "per block (30 cells), ~4 min per layer (210 cells).",),
-),)
+            Param(
+                "placement",
+                "map",
+                "map: most sensitive get more bits; against: the same widths on the least sensitive (a control).",
+                ("map", "against"),
+            ),
+        ),
+        quantize=_quantize,
+        save=save_checkpoint,
+        reload=_reload,
+        kernel="gptqmodel",
+        storage=_storage,
+        storage_note="the budget is an upper bound; the plan may spend a little less",
+        details=_details,
+        limits=(
+            "Builds a sensitivity map on first use (minutes on a CPU for a small model; a per-layer map several "
+            "times longer than a per-block one), then reuses it from the cache.",
+        ),
+    ),
+)

@@ -7,8 +7,8 @@ starts at the smallest width; the greedy step upgrades the unit whose estimated 
 extra stored bit is largest, until no upgrade fits. A unit's KL at width w is estimated from
 the map's value s (measured at the smallest width w0) as s * 4^-(w - w0): one more bit
 halves the rounding step, a quarter of the squared error. So 3 -> 4 (gain 0.75 s for ~1
-bit) comes before 4 -> 8 (0.25 s for 4 bits): measured on SmolLM2, 8-bit blocks bought with
-3-bit ones did not beat uniform 4-bit.
+bit) comes before 4 -> 8 (0.25 s for 4 bits), as it should: 8-bit blocks paid for with
+3-bit ones do not beat uniform 4-bit.
 
 `against_map` places the same widths on the least sensitive units instead (within units of
 equal size, so the weight bytes are the same): the control of the effect test.
@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from workbench.core.errors import WorkbenchError
-
 from workbench.metrics.sensitivity import SensitivityMap
 
 GRANULARITIES = ("block", "layer")
@@ -77,16 +76,27 @@ def units_of(smap: "SensitivityMap", granularity: str) -> list[Unit]:
     if granularity not in GRANULARITIES:
         raise WorkbenchError(f"mixed: granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}.")
     if any(c.kl is None for c in smap.cells):
-        raise WorkbenchError("mixed: the sensitivity map has no end-to-end KL values (a proxy-only map); compute the full map.")
+        raise WorkbenchError(
+            "mixed: the sensitivity map has no end-to-end KL values (a proxy-only map); compute the full map."
+        )
     if granularity == "layer":
         if smap.unit != "layer":
-            raise WorkbenchError("mixed: per-layer bits need a per-layer map (unit='layer'); this map quantized whole blocks.")
+            raise WorkbenchError(
+                "mixed: per-layer bits need a per-layer map (unit='layer'); this map quantized whole blocks."
+            )
         return [Unit(c.layers[0], c.layers, c.weights, c.kl) for c in smap.cells]
     blocks: dict[int, list] = {}
     for c in smap.cells:
         blocks.setdefault(c.block, []).append(c)
-    return [Unit(f"block {b}", tuple(l for c in cells for l in c.layers), sum(c.weights for c in cells),
-                 sum(c.kl for c in cells)) for b, cells in sorted(blocks.items())]
+    return [
+        Unit(
+            f"block {b}",
+            tuple(layer for c in cells for layer in c.layers),
+            sum(c.weights for c in cells),
+            sum(c.kl for c in cells),
+        )
+        for b, cells in sorted(blocks.items())
+    ]
 
 
 def check_widths(widths) -> tuple[int, ...]:
@@ -101,24 +111,33 @@ def budget_from_mb(budget_mb: float, smap: "SensitivityMap") -> float:
     return budget_mb * MB * 8 / sum(c.weights for c in smap.cells)
 
 
-def plan(smap: "SensitivityMap", budget_bits: float, widths=(3, 4, 8), granularity: str = "block",
-         cost: Callable[[int], float] = float) -> Plan:
+def plan(
+    smap: "SensitivityMap",
+    budget_bits: float,
+    widths=(3, 4, 8),
+    granularity: str = "block",
+    cost: Callable[[int], float] = float,
+) -> Plan:
     """Per-unit widths whose mean stored bits (`cost(width)` per weight) stay within `budget_bits`,
     most KL saved per stored bit first (see the module docstring)."""
     widths = check_widths(widths)
     units = units_of(smap, granularity)
     low, high = cost(widths[0]), cost(widths[-1])
     if budget_bits < low - 1e-9:
-        raise WorkbenchError(f"mixed: a budget of {budget_bits:g} bits per weight is below the smallest width: {widths[0]}-bit "
-                             f"weights already cost {low:.3f} bits each with their scales. Raise the budget or add a smaller width.")
+        raise WorkbenchError(
+            f"mixed: a budget of {budget_bits:g} bits per weight is below the smallest width: {widths[0]}-bit "
+            f"weights already cost {low:.3f} bits each with their scales. Raise the budget or add a smaller width."
+        )
     if budget_bits > high + 1e-9:
-        raise WorkbenchError(f"mixed: a budget of {budget_bits:g} bits per weight is above the largest width ({widths[-1]}-bit: "
-                             f"{high:.3f} bits with scales); use uniform {widths[-1]}-bit, or add a wider width.")
+        raise WorkbenchError(
+            f"mixed: a budget of {budget_bits:g} bits per weight is above the largest width ({widths[-1]}-bit: "
+            f"{high:.3f} bits with scales); use uniform {widths[-1]}-bit, or add a wider width."
+        )
     total = sum(u.weights for u in units)
     level = [0] * len(units)
     spent = low * total
     while True:
-        best, best_rate = None, -1.0  # an upgrade that saves nothing still beats leaving the budget unspent
+        best, best_rate = (None, -1.0)  # an upgrade that saves nothing still beats leaving the budget unspent
         for i, u in enumerate(units):
             if level[i] + 1 == len(widths):
                 continue
@@ -131,7 +150,7 @@ def plan(smap: "SensitivityMap", budget_bits: float, widths=(3, 4, 8), granulari
             break
         spent += units[best].weights * (cost(widths[level[best] + 1]) - cost(widths[level[best]]))
         level[best] += 1
-    return Plan(granularity, widths, budget_bits, tuple(units), tuple(widths[l] for l in level), spent / total)
+    return Plan(granularity, widths, budget_bits, tuple(units), tuple(widths[step] for step in level), spent / total)
 
 
 def against_map(chosen: Plan) -> Plan:
