@@ -89,9 +89,7 @@ def check_jobs_fit(jobs: int, session, choices: list[Choice]) -> None:
     worker's own imports)."""
     if jobs <= 1 or not choices:
         return
-    from workbench.run import (
-        estimate,  # estimate imports the registry's every family: only when asked
-    )
+    from workbench.run import estimate  # estimate imports the registry's every family: only when asked
 
     total, linear = estimate.count_params(models.empty_model(session.source))
     full = estimate.method_estimate(_full_precision(session.device), total, linear, {}, session.device).weight_bytes
