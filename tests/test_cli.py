@@ -175,5 +175,5 @@ def test_estimate_json(capsys, tiny_folder):
 
 
 def test_python_dash_m_entry_point(tiny_folder):
-    done = subprocess.run([sys.executable, "-m", "workbench", "methods"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "workbench", "methods"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and "bnb-nf4" in done.stdout and "available: yes" in done.stdout

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -252,7 +253,93 @@ CASES = [
         lambda c: ["--eval-text", _big_text(c), "--max-tokens", "2000000"],
         "--allow-long-eval",
     ),
+    ("damp 0", ["--methods", "gptq:damp=0"], "must be above 0.0 and below 1.0"),
+    ("damp -0.0", ["--methods", "gptq:damp=-0.0"], "must be above 0.0 and below 1.0"),
+    ("damp below the smallest float", ["--methods", "gptq:damp=1e-400"], "must be above 0.0 and below 1.0"),
+    ("damp 1", ["--methods", "gptq:damp=1"], "must be above 0.0 and below 1.0"),
+    ("group size gptqmodel has no kernel for", ["--methods", "gptq:group_size=1"], "group_size=1 is not supported"),
+    ("a parameter set twice", ["--methods", "rtn:bits=4:bits=8"], "bits is set twice"),
+    ("history is a symbolic link", lambda c: _history_link(c), "symbolic link"),
+    ("history is a FIFO", lambda c: _history_fifo(c), "FIFO"),
+    ("results.json is a folder", lambda c: _results_folder(c), "is a folder"),
+    (
+        "a config transformers cannot build a model from",
+        lambda c: ["--model", c.model_copy(intermediate_size=-1)],
+        "cannot build the model",
+    ),
+    (
+        "safetensors offsets that are strings",
+        lambda c: ["--model", _header(c, {"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}})],
+        "no valid byte range",
+    ),
+    ("safetensors header a JSON list", lambda c: ["--model", _header(c, [1, 2])], "JSON list"),
+    (
+        "safetensors header nested 100,000 deep",
+        lambda c: ["--model", _header(c, None, "[" * 100_000 + "]" * 100_000)],
+        "not a safetensors file",
+    ),
+    (
+        "config.json nested 100,000 deep",
+        lambda c: ["--model", c.model_copy(config_text='{"a":' * 100_000 + "1" + "}" * 100_000)],
+        "nested too deeply",
+    ),
+    (
+        "tokenizer.json not JSON",
+        lambda c: ["--model", _tokenizer_file(c, "tokenizer.json", b"{not json")],
+        "tokenizer.json is not valid JSON",
+    ),
+    (
+        "tokenizer_config.json with a byte-order mark",
+        lambda c: [
+            "--model",
+            _tokenizer_file(
+                c, "tokenizer_config.json", b"\xef\xbb\xbf" + (c.tiny / "tokenizer_config.json").read_bytes()
+            ),
+        ],
+        "tokenizer_config.json is not valid JSON",
+    ),
 ]
+
+
+def _history_link(c: Case) -> list:
+    """history.jsonl a link to a file outside the folder (as if to /etc/passwd): never appended to."""
+    target = c.file("not-a-history.txt", b"root:x:0:0:root:/root:/bin/bash\n")
+    (c.out / "history.jsonl").unlink()
+    (c.out / "history.jsonl").symlink_to(target)
+    c.stack.callback(lambda: _same_bytes(target, b"root:x:0:0:root:/root:/bin/bash\n"))
+    return []
+
+
+def _same_bytes(path: Path, data: bytes) -> None:
+    assert path.read_bytes() == data
+
+
+def _history_fifo(c: Case) -> list:
+    (c.out / "history.jsonl").unlink()
+    os.mkfifo(c.out / "history.jsonl")  # reading or writing it would block forever
+    return []
+
+
+def _results_folder(c: Case) -> list:
+    (c.out / "results.json").unlink()
+    (c.out / "results.json").mkdir()
+    return []
+
+
+def _header(c: Case, header, text: str | None = None) -> Path:
+    """The tiny model with its weights replaced by a safetensors file with this header."""
+    folder = c.model_copy()
+    data = (text if text is not None else json.dumps(header)).encode()
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").write_bytes(len(data).to_bytes(8, "little") + data + b"\0" * 4)
+    return folder
+
+
+def _tokenizer_file(c: Case, name: str, data: bytes) -> Path:
+    folder = c.model_copy()
+    (folder / name).unlink()
+    (folder / name).write_bytes(data)
+    return folder
 
 
 def _cut_weights(c: Case) -> Path:
@@ -338,22 +425,27 @@ def test_history_is_keyed_by_content_not_by_name(capsys, case):
     assert len(assert_history_extended(b"", out / "history.jsonl")) == 2
 
 
-def test_fingerprint_hashes_are_cached_by_path_size_and_mtime(case):
-    """The second call reads no weights: content rewritten behind the same size and mtime is not seen
-    (the cache answers); a new mtime is."""
+def test_fingerprint_hashes_are_cached_until_the_file_changes_even_behind_its_old_mtime(case, monkeypatch):
+    """The second call reads no weights; weights replaced by others of the same size with the old
+    mtime restored (as `cp -p`, `rsync -a` or `tar x` leave them) are read again: the cache also
+    keys on the change time, which no copy tool can set back."""
+    from workbench.sources import model_files
+
+    monkeypatch.setattr(model_files, "RACY_NS", 0)  # the copy was made a moment ago
     folder = shutil.copytree(case.tiny, case.tmp / "m")
     weights = folder / "model.safetensors"
     old = time.time_ns() - 60 * 10**9
     os.utime(weights, ns=(old, old))
     source = models.resolve(str(folder))
     first = models.fingerprint(source)
+    hashed, real = [], model_files._sha256
+    monkeypatch.setattr(model_files, "_sha256", lambda file: hashed.append(file.name) or real(file))
+    assert models.fingerprint(source) == first and "model.safetensors" not in hashed  # from the cache
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(old, old))
-    assert models.fingerprint(source) == first  # from the cache: the weights were not read again
-    os.utime(weights, ns=(old + 10**9, old + 10**9))
-    assert models.fingerprint(source) != first
+    assert models.fingerprint(source) != first and "model.safetensors" in hashed
     cache = json.loads((case.tmp / "cache" / models.FINGERPRINT_CACHE).read_text())
     assert str(weights.resolve()) in cache
 
@@ -405,6 +497,10 @@ def test_damaged_history_lines_are_skipped_named_and_kept(capsys, case):
         {"bits": True},
         {"method": None},
         {"params": "group_size=64"},
+        {"protocol": None},
+        {"weight_bytes": 10**400},
+        {"params": {"bits": {"nested": 1}}},
+        {"details": {"a": [[[[[[[1]]]]]]]}},
     ],
 )
 def test_a_record_with_impossible_values_is_skipped_not_reused(capsys, case, change):
@@ -416,6 +512,66 @@ def test_a_record_with_impossible_values_is_skipped_not_reused(capsys, case, cha
     )
     assert code == 0 and "skipped 1 line(s)" in err and "line 1" in err
     assert "reused from" not in table  # measured again, not taken from the damaged record
+
+
+def test_a_line_nested_too_deep_for_python_is_skipped_not_fatal(capsys, case):
+    history = case.out / "history.jsonl"
+    good = history.read_text(encoding="utf-8").splitlines()[0]
+    history.write_text(good + "\n" + '{"a":' * 100_000 + "1" + "}" * 100_000 + "\n", encoding="utf-8")
+    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", "fp32", "--out", case.out, *FAST)
+    assert code == 0 and "skipped 1 line(s)" in err and "line 2" in err and "reused from" in table
+
+
+def test_a_huge_eval_text_is_streamed_not_read_whole(tmp_path):
+    """Only what the protocol can use is kept; the whole file is still hashed (the text's identity)."""
+    import tracemalloc
+
+    from workbench.sources import data
+
+    paragraph = "Quantization stores the weights of a neural network with fewer bits.\r\n"
+    whole = paragraph * (40 * 2**20 // len(paragraph))
+    path = tmp_path / "big.txt"
+    path.write_bytes(whole.encode())
+    tracemalloc.start()
+    kept = data.read_text_file(str(path), 2048)
+    streamed = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    everything = data.read_text_file(str(path))
+    read_whole = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert kept.text == everything.text[:2048] and kept.sha == everything.sha and not kept.whole
+    assert kept.total_chars == everything.total_chars == len(whole.replace("\r\n", "\n"))
+    assert streamed * 4 < read_whole  # a few chunks in memory, not the file
+
+
+def test_the_command_line_says_how_much_of_the_eval_text_it_used(capsys, case):
+    prose = "A sentence of ordinary English prose for the evaluation. " * 400
+    text = case.file("e.txt", prose.encode())
+    argv = ["compare", "--model", case.tiny, "--methods", "fp32", "--out", case.tmp / "o", "--eval-text", text]
+    code, _, err = run(capsys, *argv, *FAST)
+    assert code == 0 and f"64 tokens scored, taken from the start of its {len(prose):,} characters" in err
+
+
+def test_a_sweep_of_too_many_cells_is_refused_before_any_work(capsys, case):
+    grid = "rtn:bits=2,3,4,8:group_size=" + ",".join(["32", "64"] * 50)
+    before = snapshot(case.out)
+    code, _, err = run(capsys, "sweep", "--model", case.tiny, "--grid", grid, "--out", case.out, *FAST)
+    assert code == 2 and snapshot(case.out) == before
+    assert_one_error_line(err, "400 cells")
+    assert "--allow-large-sweep" in err
+
+
+def test_a_sweep_says_its_cells_and_its_pace(capsys, case):
+    argv = ["sweep", "--model", case.tiny, "--grid", "fp32", "--grid", "bnb-int8", "--out", case.tmp / "o"]
+    code, _, err = run(capsys, *argv, *FAST)
+    assert code == 0 and "sweep: 2 cells" in err
+    assert "sweep: 1 measured in" in err and "sweep: 2 measured in" in err and "for the rest" in err
+
+
+def test_a_sensitivity_map_of_zero_tokens_is_refused(capsys, case):
+    code, _, err = run(capsys, "sensitivity", "--model", case.tiny, "--tokens", "0", "--out", case.tmp / "o")
+    assert code == 2
+    assert_one_error_line(err, "--tokens 0")
 
 
 def test_nothing_succeeded_keeps_the_results_files_and_extends_history(capsys, case):
@@ -610,7 +766,7 @@ def _cli(tmp_path: Path, argv: list) -> subprocess.Popen:
     )
 
 
-def _wait_for(condition, seconds: float = 240) -> None:
+def _wait_for(condition, seconds: float = 900) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -622,12 +778,16 @@ def _workdirs(tmp: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "sig,mode,status,word",
-    [(signal.SIGINT, ["--in-process"], 130, "interrupted"), (signal.SIGTERM, [], 143, "terminated")],
-    ids=["ctrl-c in-process", "sigterm with workers"],
+    "sig,mode,status,word,signals",
+    [
+        (signal.SIGINT, ["--in-process"], 130, "interrupted", 1),
+        (signal.SIGTERM, [], 143, "terminated", 1),
+        (signal.SIGTERM, [], 143, "terminated", 2),
+    ],
+    ids=["ctrl-c in-process", "sigterm with workers", "a second sigterm during cleanup"],
 )
 def test_a_stopped_run_keeps_what_finished_and_removes_its_temporary_folders(
-    tmp_path, tiny_folder, sig, mode, status, word
+    tmp_path, tiny_folder, sig, mode, status, word, signals
 ):
     out = tmp_path / "out"
     argv = ["compare", "--model", tiny_folder, "--methods", "fp32,test-hang", "--out", out, *FAST[:-1], *mode]
@@ -636,8 +796,10 @@ def test_a_stopped_run_keeps_what_finished_and_removes_its_temporary_folders(
     _wait_for(lambda: history.is_file() and history.read_text().strip())
     # the hanging method is inside its build: its working folder exists (in a worker: inside the worker's scratch)
     _wait_for(lambda: any(not p.name.startswith("workbench-worker-") for p in _workdirs(tmp_path / "tmp")))
-    cli.send_signal(sig)
-    _, err = cli.communicate(timeout=60)
+    for _ in range(signals):
+        cli.send_signal(sig)
+        time.sleep(0.05)  # the second lands while the first one's cleanup runs (workers stopping: seconds)
+    _, err = cli.communicate(timeout=900)
     assert cli.returncode == status, err
     assert f"{word}: 1 finished result(s) kept in {history}" in err and "Traceback" not in err
     assert [r.method for r in assert_history_extended(b"", history)] == ["fp32"]
@@ -654,7 +816,7 @@ def test_a_temporary_folder_too_deep_for_the_fork_servers_socket_still_runs_work
     env = {**os.environ, "TMPDIR": str(deep), "HF_HUB_OFFLINE": "1"}
     argv = ["compare", "--model", tiny_folder, "--methods", "fp32", "--out", tmp_path / "out", *FAST[:-1]]
     done = subprocess.run(
-        [sys.executable, "-m", "workbench", *map(str, argv)], env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, "-m", "workbench", *map(str, argv)], env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr
     (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -677,3 +839,52 @@ def test_no_logs_are_tracked_in_the_repository():
     assert tracked == ""
     ignored = subprocess.run(["git", "check-ignore", "logs/x.log"], cwd=REPO, capture_output=True, text=True)
     assert ignored.returncode == 0
+
+
+def test_a_later_run_removes_the_folders_a_killed_run_left_and_nothing_live(capsys, case, monkeypatch):
+    """kill -9 leaves a run's temporary folders behind; the next run removes those of processes that
+    are gone, and keeps the folders of running processes (its own, another workbench's)."""
+    tmp = case.tmp / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp / f"workbench-worker-{gone.pid}-abc"
+    live = tmp / f"workbench-build-{os.getppid()}-abc"
+    other = tmp / "workbench-gptqmodel-logs-abc"
+    for folder in (stale, live, other):
+        (folder / "inside").mkdir(parents=True)
+    code, _, err = run(capsys, "compare", "--model", case.tiny, "--methods", "fp32", "--out", case.tmp / "o", *FAST)
+    assert code == 0 and "removed 1 temporary folder(s)" in err
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_one_identity_measured_twice_with_different_values_uses_the_latest_and_says_so(capsys, case):
+    history = case.out / "history.jsonl"
+    good = json.loads(history.read_text(encoding="utf-8").splitlines()[0])
+    later = {**good, "ppl": good["ppl"] * 2, "timestamp": "later"}
+    history.write_text(json.dumps(good) + "\n" + json.dumps(later) + "\n", encoding="utf-8")
+    code, table, err = run(capsys, "compare", "--model", case.tiny, "--methods", "fp32", "--out", case.out, *FAST)
+    assert code == 0 and "fp32 measured more than once with one identity and different values" in err
+    assert "reused from later" in table or "later" in table
+
+
+def test_a_remote_code_refusal_names_a_package_module_as_its_file(tmp_path):
+    from workbench.sources import remote_code
+
+    assert remote_code.code_files({"AutoModelForCausalLM": "sub.mod.Cls"}) == ["sub/mod.py"]
+
+
+def test_the_command_line_keeps_library_noise_out_of_a_redirected_stderr(tmp_path, tiny_folder):
+    """torch's deprecation warnings and the backends' progress bars go to the library log (named once);
+    progress on a stderr that is a file or a pipe is plain lines, no carriage returns or escapes."""
+    env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    argv = ["compare", "--model", tiny_folder, "--methods", "fp32,bnb-nf4", "--out", tmp_path / "o", *FAST[:-1]]
+    done = subprocess.run(
+        [sys.executable, "-m", "workbench", *map(str, argv)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr
+    assert "_pytree" not in done.stderr and "\r" not in done.stderr and "\x1b[" not in done.stderr, done.stderr
+    assert "[bnb-nf4] perplexity: 1/1 windows" in done.stderr
+    assert done.stderr.count(str(tmp_path / "cache" / "library.log")) == 1
+    assert (tmp_path / "cache" / "library.log").stat().st_size > 0

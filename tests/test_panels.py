@@ -55,7 +55,7 @@ def test_model_picker_keeps_the_token_out_of_every_repr(model, tiny_folder):
 
 def test_estimate_button_shows_the_fit_table(model):
     model.estimate_button.click()
-    assert model.job.wait(60) == "done", model.job.error
+    assert model.job.wait(900) == "done", model.job.error
     assert "T4 16GB" in model.estimate_view.value and "bnb-nf4" in model.estimate_view.value
 
 
@@ -64,14 +64,14 @@ def test_quantize_panel_states_result_and_model_replacement(model):
     panel = QuantizePanel(model, methods, FAST)
     panel.method.value = "bnb-nf4"
     panel.button.click()
-    assert panel.job.wait(120) == "done", panel.job.error
+    assert panel.job.wait(900) == "done", panel.job.error
     assert panel.job.states == ["idle", "running", "done"]
     assert panel.result.method == "bnb-nf4" and panel.result.ppl > 1 and panel.model is not None
     assert "bnb-nf4" in panel.summary.value and not panel.button.disabled
     first = panel.model
     panel.method.value = "fp32"
     panel.button.click()
-    assert panel.job.wait(120) == "done"
+    assert panel.job.wait(900) == "done"
     assert panel.model is not first and panel.result.method == "fp32"
 
 
@@ -90,7 +90,7 @@ def test_errors_are_shown_in_the_panel_not_lost(tiny_folder):
     picker = ModelPicker(default="./no/such/model", device="cpu")
     panel = QuantizePanel(picker, MethodPicker(device="cpu"), FAST)
     panel.button.click()
-    assert panel.job.wait(60) == "error"
+    assert panel.job.wait(900) == "error"
     assert "no such model folder" in panel.job.status.value and "no such model folder" in panel.job.error
     assert not panel.button.disabled  # ready for another try
 
@@ -100,7 +100,7 @@ def test_compare_panel_table_charts_history_and_export(model, tmp_path):
     methods.select("fp32", "bnb-nf4", "quanto-int8")
     panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST, in_process=False)
     panel.button.click()
-    assert panel.job.wait(300) == "done", panel.job.error
+    assert panel.job.wait(900) == "done", panel.job.error
     assert [r.method for r in panel.results] == ["fp32", "bnb-nf4", "quanto-int8"]
     assert {r.mode for r in panel.results} == {"worker"}  # each method in its own process, as in the CLI
     for name in ("fp32", "bnb-nf4", "quanto-int8", "Δ ppl %"):
@@ -110,7 +110,7 @@ def test_compare_panel_table_charts_history_and_export(model, tmp_path):
     assert panel.figures[0].layout.yaxis.title.text.startswith("perplexity")
 
     panel.button.click()  # same configurations: reused from the history
-    assert panel.job.wait(120) == "done"
+    assert panel.job.wait(900) == "done"
     assert "reusing" in _log_text(panel.job)
 
     exported = json.loads(panel.export("json").read_text())
@@ -128,7 +128,7 @@ def test_compare_panel_cancel_stops_between_methods(model, tmp_path):
     panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST)
     panel.button.click()
     panel.job.cancel_button.click()
-    assert panel.job.wait(300) == "cancelled"
+    assert panel.job.wait(900) == "cancelled"
     assert panel.job.states == ["idle", "running", "cancelled"]
     assert len(panel.results) < 4 and "Cancelled: the remaining methods were not run." in _log_text(panel.job)
 
@@ -139,7 +139,7 @@ def test_generate_panel_side_by_side(model):
     panel = GeneratePanel(model, methods)
     panel.max_tokens.value = 8
     panel.button.click()
-    assert panel.job.wait(120) == "done", panel.job.error
+    assert panel.job.wait(900) == "done", panel.job.error
     assert [g.method for g in panel.generations] == ["fp32", "bnb-nf4"]
     assert all(g.error is None and g.tokens_per_s > 0 for g in panel.generations), panel.generations
     assert "tok/s" in panel.outputs.value
@@ -211,13 +211,13 @@ def test_compare_panel_cancel_inside_a_long_method_stops_within_two_seconds(mode
     methods = MethodPicker(selected=("test-hang", "fp32"), device="cpu")
     panel = ComparePanel(model, methods, out_dir=str(tmp_path), eval_cfg=FAST)
     panel.button.click()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900
     while "[test-hang] quantizing" not in _log_text(panel.job) and time.monotonic() < deadline:
         time.sleep(0.1)
     clicked = time.monotonic()
     panel.job.cancel_button.click()
     assert "cancelling..." in panel.job.status.value  # at once, before the worker has ended
-    assert panel.job.wait(30) == "cancelled"
+    assert panel.job.wait(900) == "cancelled"
     assert time.monotonic() - clicked < 2
     assert [r.method for r in panel.results] == ["fp32"]  # measured before the hang; the hang is not a row
 

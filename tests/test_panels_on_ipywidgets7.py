@@ -30,7 +30,7 @@ def test_the_panels_pass_on_ipywidgets_7_7_1():
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

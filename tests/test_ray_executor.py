@@ -88,7 +88,7 @@ def test_cancel_after_the_first_result_cancels_the_running_and_the_queued_tasks(
         should_stop=lambda: bool(finished),
     )
     assert [(index, result.label, result.error) for index, result in finished] == [(0, "bnb-nf4", None)]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 900
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2  # the running hang was killed, the queued one never started

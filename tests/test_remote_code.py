@@ -153,7 +153,7 @@ def test_fine_tuning_panel_refuses(evil, tmp_path):
         ModelPicker(default=str(evil), device="cpu"), FinetuneConfig(max_steps=1), out_dir=str(tmp_path)
     )
     panel.button.click()
-    assert panel.job.wait(120) == "error"
+    assert panel.job.wait(900) == "error"
     assert "evil_model.py" in panel.job.error and "trust remote code" in panel.job.error
     assert panel.trained is None
 
@@ -221,7 +221,7 @@ def test_with_the_opt_in_the_models_own_code_runs(tiny_folder, tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert marker.read_text() == "the model's own code ran"

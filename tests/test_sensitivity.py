@@ -100,8 +100,8 @@ def test_map_cells_sums_and_cache(tiny_session, tmp_path):
 def test_map_errors_say_what_to_do(tiny_session):
     with pytest.raises(WorkbenchError, match="gptq.*not supported.*rtn, hqq"):
         maps.compute(tiny_session.source, "gptq:bits=3")
-    with pytest.raises(WorkbenchError, match="group_size=48 does not divide"):
-        maps.compute(tiny_session.source, "rtn:bits=3:group_size=48")
+    with pytest.raises(WorkbenchError, match="group_size=256 does not divide"):
+        maps.compute(tiny_session.source, "rtn:bits=3:group_size=256")
     with pytest.raises(WorkbenchError, match=r"block\(s\) \[5\] do not exist"):
         maps.compute(tiny_session.source, "rtn:bits=3", tokens=64, blocks=[5])
     with pytest.raises(WorkbenchError, match="unit 'row'"):

@@ -23,12 +23,12 @@ import sys
 from workbench import methods
 from workbench.cli.compare import (  # noqa: F401 (DEFAULT_METHODS)
     DEFAULT_METHODS,
+    StopOnce,
     Terminated,
     compare_command,
     interrupted_status,
     log,
     sweep_command,
-    terminate,
 )
 from workbench.cli.sensitivity import add_sensitivity_parser
 from workbench.core.errors import WorkbenchError
@@ -36,7 +36,9 @@ from workbench.core.errors import WorkbenchError
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, terminate) if _main_thread() else None
+    stop = StopOnce()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, stop) for sig in signals} if _main_thread() else {}
     try:
         return args.run(args)
     except WorkbenchError as exc:
@@ -46,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
         return interrupted_status(exc)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if not stop.received:  # after a signal the process is on its way out: later ones stay quiet
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _main_thread() -> bool:
@@ -107,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="with --executor ray and no --address: CPUs of the local Ray instance (default: all)",
+    )
+    swp.add_argument(
+        "--allow-large-sweep",
+        action="store_true",
+        help="run grids of more than 64 cells (each cell builds and measures the model once)",
     )
     _add_measuring_options(swp)
     swp.set_defaults(run=sweep_command)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import time
 from pathlib import Path
 
 from workbench import methods
@@ -21,12 +22,47 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so every `finally` runs: workers end, temporary folders go."""
 
 
-def terminate(signum, frame):
-    raise Terminated()
+class StopOnce:
+    """The CLI's SIGINT and SIGTERM handler: a signal raises (KeyboardInterrupt, or Terminated for
+    SIGTERM) so every `finally` runs: workers end, temporary folders go. Another signal within
+    CLEANUP_S of it is ignored, quietly: raised inside a `finally` it would cut the cleanup short
+    and print a traceback. One after that raises again (the first may have been swallowed where
+    Python ignores exceptions, e.g. in a finalizer), so pressing Ctrl-C again always works."""
+
+    CLEANUP_S = 10.0
+
+    def __init__(self):
+        self.received_at: float | None = None
+
+    @property
+    def received(self) -> bool:
+        return self.received_at is not None
+
+    def __call__(self, signum, frame):
+        now = time.monotonic()
+        if self.received_at is not None and now - self.received_at < self.CLEANUP_S:
+            return
+        self.received_at = now
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def interrupted_status(exc: KeyboardInterrupt) -> int:
     return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def library_log_path() -> Path:
+    """Where the command line sends what libraries print (the notebooks use results/library.log):
+    one file in the user cache, named once per run, never the terminal or the output folder."""
+    from workbench.sources.source import cache_dir
+
+    return cache_dir() / "library.log"
+
+
+def library_line(line: str) -> None:
+    """One line of a worker's library output, appended to `library_log_path()`."""
+    from workbench.core import files
+
+    files.append_line(library_log_path(), line, "library log")
 
 
 def log(message: str) -> None:
@@ -44,7 +80,7 @@ def sweep_command(args) -> int:
 
     _check_executor_options(args)
     spec, eval_cfg = _model_spec(args), _eval_config(args)
-    choices = sweep.expand(args.grid, log)
+    choices = sweep.expand(args.grid, log, args.allow_large_sweep)
     executor = _local_executor(args) if args.executor == "local" else _ray_executor(args)
     return _measure(
         args,
@@ -54,7 +90,22 @@ def sweep_command(args) -> int:
         executor,
         metric=args.metric,
         after=lambda measured: print(f"\n{sweep.format_front(measured, args.metric)}"),
+        on_result=_pace(len(choices)),
+        note=f"sweep: {len(choices)} cells (those already in the history are reused)",
     )
+
+
+def _pace(cells: int):
+    """After each measured cell: how many are done, and the time left at the pace so far."""
+    start, done = time.monotonic(), []
+
+    def report(result) -> None:
+        done.append(result)
+        spent = time.monotonic() - start
+        left = spent / len(done) * max(0, cells - len(done))
+        log(f"sweep: {len(done)} measured in {spent / 60:.1f} min; at this pace about {left / 60:.0f} min for the rest")
+
+    return report
 
 
 def _model_spec(args):
@@ -81,7 +132,7 @@ def _local_executor(args):
     """Worker processes (the default) or this process; --jobs and --timeout are checked in either mode."""
     from workbench.run import executors, workers
 
-    pool = workers.WorkerProcesses(args.jobs, args.timeout, library_log=log)
+    pool = workers.WorkerProcesses(args.jobs, args.timeout, library_log=library_line)
     if args.in_process:
         return executors.InProcess()
     pool.warm_up()  # the workers' fork server imports torch and transformers while the session opens
@@ -121,27 +172,43 @@ def _ray_executor(args):
     from workbench.run import ray_tasks
 
     ray_tasks.import_ray()  # missing Ray is said before the model is opened
-    return ray_tasks.RayTasks(address=args.address, num_cpus=args.ray_cpus, library_log=log)
+    return ray_tasks.RayTasks(address=args.address, num_cpus=args.ray_cpus, library_log=library_line)
 
 
 def _measure(
-    args, spec, eval_cfg, choices: list, executor, left_out: list[str] = (), metric: str = "ppl", after=None
+    args,
+    spec,
+    eval_cfg,
+    choices: list,
+    executor,
+    left_out: list[str] = (),
+    metric: str = "ppl",
+    after=None,
+    on_result=None,
+    note: str | None = None,
 ) -> int:
     """Open the session, run the choices through `compare.compare`, which appends each finished result to
     OUT/history.jsonl at once, write results.json/csv and report.html, print the table (and
     `after(measured)`). Exits non-zero only when nothing succeeded."""
+    from workbench.core import quiet
     from workbench.report import charts
     from workbench.run import compare, executors, results, runner, workers
 
     out = Path(args.out)
     _check_writable(out)
+    history = compare.History.in_folder(out)
+    quiet.import_libraries(library_log_path())
     session = runner.Session.open(spec, eval_cfg, log)
     if isinstance(executor, workers.WorkerProcesses):
         executors.check_jobs_fit(args.jobs, session, choices)
-    history = compare.History.in_folder(out)
+    log(f"library messages (warnings, backends' progress): {library_log_path()}")
+    if note:
+        log(note)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # quantization libraries print progress: keep stdout for the table
-            measured = compare.compare(session, choices, history, args.rerun, log, _progress_bar(), executor=executor)
+            measured = compare.compare(
+                session, choices, history, args.rerun, log, _progress_bar(), executor=executor, on_result=on_result
+            )
     except KeyboardInterrupt as exc:
         word = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"{word}: {len(history.kept)} finished result(s) kept in {history.path}", file=sys.stderr)
@@ -165,11 +232,21 @@ def _measure(
     return 0 if any(r.error is None for r in measured) else 1
 
 
+RESULT_FILES = ("results.json", "results.csv", "report.html")
+
+
 def _check_writable(out: Path) -> None:
-    """Before any work: the output folder can be written to and has room (it is created at the first result)."""
+    """Before any work: the output folder can be written to and has room (it is created at the
+    first result), and no results file there is a folder that the results could not replace."""
     from workbench.core.files import check_writable
 
     check_writable(out, f"--out {str(out)!r}")
+    for name in RESULT_FILES:
+        if (out / name).is_dir():
+            raise WorkbenchError(
+                f"--out {str(out)!r}: {out / name} is a folder, so the results cannot be written there; "
+                "move it away or give another --out."
+            )
 
 
 def _choose_methods(text: str | None, device: str) -> tuple[list, list[str]]:
@@ -202,9 +279,20 @@ def _choose_methods(text: str | None, device: str) -> tuple[list, list[str]]:
 
 
 def _progress_bar():
-    """Perplexity progress as a tqdm bar per method (stderr)."""
+    """Perplexity progress: a tqdm bar per method on a terminal; where stderr is a file or a pipe
+    (a log, CI), a plain line at each quarter instead of carriage returns and escape sequences."""
     from tqdm.auto import tqdm
 
+    if not sys.stderr.isatty():
+        said = set()
+
+        def line(label: str, done: int, total: int) -> None:
+            quarter = 4 * done // max(total, 1)
+            if (label, quarter) not in said and (quarter or done == total):
+                said.add((label, quarter))
+                log(f"[{label}] perplexity: {done}/{total} windows")
+
+        return line
     bars = {}
 
     def update(label: str, done: int, total: int) -> None:

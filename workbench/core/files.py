@@ -8,6 +8,11 @@
   one damaged line never swallows the next record.
 - `check_writable` is the check made before any work: the folder can be created, written
   to, and has room.
+- A file the workbench appends to or reads back as its own (the history, the library log,
+  caches) must be a regular file: `check_own_file` refuses a symbolic link (its target could
+  be any file: a record appended to it would land there), a FIFO (reading or writing it
+  blocks), a device or a folder, and `append_line` / `read_own_text` open without following
+  links and without blocking.
 
 Every `OSError` becomes a `WorkbenchError` that says what happened in words (disk full,
 read-only, no permission) and what to do.
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -93,24 +100,152 @@ class atomic_open:
         return False
 
 
-def append_line(path: Path, line: str) -> None:
+OWN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def not_own_file(path: Path, mode: int, what: str) -> WorkbenchError:
+    return WorkbenchError(
+        f"{what} {path}: it is {_kind(mode)}, not a regular file; the workbench only reads and appends to plain files "
+        "it wrote. Move it away (or give another folder) and run again."
+    )
+
+
+def check_own_file(path: Path, what: str) -> None:
+    """Before any work: `path`, if it exists, is a regular file (not a link, FIFO, device or folder)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise WorkbenchError(f"{what} {path}: cannot read it ({exc.strerror}).") from None
+    if not stat.S_ISREG(mode):
+        raise not_own_file(path, mode, what)
+
+
+def _open_own(path: Path, flags: int, what: str) -> int:
+    """A descriptor of the regular file `path`, opened without following a link or blocking on a FIFO."""
+    fd = os.open(path, flags | OWN_FLAGS, 0o666)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise not_own_file(path, mode, what)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def append_line(path: Path, line: str, what: str = "history") -> None:
     """Append one line (a newline is added) with a single write, after the last complete line."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("ab") as out:
-            if out.tell() and _last_byte(path) != b"\n":
-                data = b"\n" + data  # the previous writer was cut short: keep its fragment on its own line
-            out.write(data)
-            out.flush()
+        fd = _open_own(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, what)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link (O_NOFOLLOW), or a FIFO nobody reads
+            check_own_file(path, what)
+        raise write_error(path, exc, "cannot append to it") from None
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            data = b"\n" + data  # the previous writer was cut short: keep its fragment on its own line
+        view = memoryview(data)
+        while view:  # a write may take part of it (a disk filling up): the rest, or the error, follows
+            view = view[os.write(fd, view) :]
     except OSError as exc:
         raise write_error(path, exc, "cannot append to it") from None
+    finally:
+        os.close(fd)
 
 
-def _last_byte(path: Path) -> bytes:
-    with path.open("rb") as file:
-        file.seek(-1, os.SEEK_END)
-        return file.read(1)
+def open_own_log(path: Path, what: str):
+    """The workbench's own log file `path` open for appending text, line by line (created if
+    missing), refused unless it is a regular file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            check_own_file(path, what)
+        raise write_error(path, exc, "cannot append to it") from None
+    return os.fdopen(fd, "a", encoding="utf-8", errors="replace", buffering=1)
+
+
+def open_own_text(path: Path, what: str):
+    """The workbench's own file `path` open for reading text (None when there is none), refused
+    unless it is a regular file; undecodable bytes are replaced (the caller validates what it reads)."""
+    try:
+        fd = _open_own(path, os.O_RDONLY, what)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            check_own_file(path, what)
+        raise WorkbenchError(f"{what} {path}: cannot read it ({exc.strerror}).") from None
+    return os.fdopen(fd, encoding="utf-8-sig", errors="replace")
+
+
+def read_own_text(path: Path, what: str) -> str | None:
+    """All of the workbench's own file `path` (see `open_own_text`), or None when there is none."""
+    file = open_own_text(path, what)
+    if file is None:
+        return None
+    with file:
+        return file.read()
+
+
+def scratch_folder(kind: str) -> Path:
+    """A new temporary folder named `workbench-<kind>-<this process id>-...`: when the process is
+    killed (kill -9) before it removes it, a later run can tell it is stale (`remove_stale_folders`)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"workbench-{kind}-{os.getpid()}-"))
+    except OSError as exc:
+        raise write_error(Path(tempfile.gettempdir()), exc, "cannot create a temporary folder") from None
+
+
+STALE_FOLDER = re.compile(r"^workbench-[a-z]+-(\d+)-")
+
+
+def remove_stale_folders(log=None) -> int:
+    """Remove this user's `scratch_folder`s whose process is gone (killed before it could clean up);
+    never a folder of a process that is running, nor another user's. Returns how many went."""
+    removed = 0
+    for folder in Path(tempfile.gettempdir()).glob("workbench-*-*-*"):
+        match = STALE_FOLDER.match(folder.name)
+        if not match or folder.is_symlink() or not folder.is_dir() or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            if folder.stat().st_uid != os.getuid() or _running(int(match.group(1))):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    if removed and log:
+        log(f"removed {removed} temporary folder(s) left by workbench processes that were killed")
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def check_writable(folder: Path, what: str) -> None:

@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from workbench.core import files
+
 LIBRARY_LOG = Path("results") / "library.log"
 """Where notebooks and panels send library output (relative to the notebook's folder)."""
 LIBRARIES = [
@@ -59,9 +61,8 @@ def library_output(path: Path) -> Iterator[Path]:
         if not outermost:
             yield path
             return
-        path = Path(path).expanduser().resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8", errors="replace", buffering=1) as log, _redirected(log):
+        path = Path(path).expanduser().absolute()
+        with files.open_own_log(path, "library log") as log, _redirected(log):
             yield path
     finally:
         with _lock:
@@ -125,10 +126,15 @@ def _all_handlers() -> list[logging.Handler]:
 
 
 def start_notebook(path: Path = LIBRARY_LOG) -> None:
-    """A notebook's first cell: import the heavy libraries now, with what they print on import
-    (torchao's missing kernels, torch's pytree deprecations) going to `path` instead of the
-    cell, and no loading progress bars from transformers (the workbench shows its own
-    progress). Panels send their libraries' output to the same file while they work."""
+    """A notebook's first cell: `import_libraries(path)`. Panels send their libraries' output to
+    the same file while they work."""
+    import_libraries(path)
+
+
+def import_libraries(path: Path) -> None:
+    """Import the heavy libraries now, with what they print on import (torchao's missing kernels,
+    torch's pytree deprecations) going to `path` instead of the cell or terminal, and no loading
+    progress bars from transformers (the workbench shows its own progress)."""
     import importlib
 
     with library_output(path):

@@ -27,10 +27,14 @@ class Param:
     help: str
     choices: tuple = ()
     minimum: float | None = None
+    maximum: float | None = None
+    exclusive: bool = False
+    """The bounds themselves are outside the range (gptqmodel's damp: 0 < damp < 1)."""
 
     def check(self, method: str, value: Any) -> Any:
-        """Coerce `value` (possibly a string from the CLI) to the default's type and validate it."""
-        kind = type(self.default)
+        """Coerce `value` (possibly a string from the CLI) to the default's type and validate it
+        against the range the backend really accepts, so a bad value is refused before any work."""
+        kind, given = type(self.default), value
         try:
             if kind is bool and isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -47,8 +51,13 @@ class Param:
         if self.choices and value not in self.choices:
             allowed = ", ".join(str(c) for c in self.choices)
             raise WorkbenchError(f"{method}: {self.name}={value!r} is not supported; choose one of {allowed}.")
-        if self.minimum is not None and value < self.minimum:
-            raise WorkbenchError(f"{method}: {self.name}={value!r} must be at least {self.minimum}.")
+        low, high = self.minimum, self.maximum
+        if self.exclusive and not ((low is None or value > low) and (high is None or value < high)):
+            raise WorkbenchError(f"{method}: {self.name}={given!r} must be above {low} and below {high}. {self.help}")
+        if low is not None and value < low:
+            raise WorkbenchError(f"{method}: {self.name}={given!r} must be at least {low}.")
+        if high is not None and value > high:
+            raise WorkbenchError(f"{method}: {self.name}={given!r} must be at most {high}.")
         return value
 
 

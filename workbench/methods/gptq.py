@@ -24,11 +24,13 @@ from workbench.methods.base import Method, Param, check_group_size, compute_bits
 from workbench.sources import models
 
 PIP = "pip install gptqmodel==7.6.* optimum==2.3.0"
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+"""The group sizes gptqmodel's kernels take (-1: one group per row)."""
 GROUP = Param(
     "group_size",
     64,
     "Weights per scale group; must divide each layer's input width (-1: one group per row).",
-    minimum=-1,
+    GROUP_SIZES,
 )
 SAMPLES = Param("samples", 16, "Calibration blocks (equal-length token blocks from the calibration text).", minimum=1)
 BLOCK_TOKENS = Param("block_tokens", 256, "Tokens per calibration block.", minimum=16)
@@ -170,7 +172,14 @@ METHODS = (
             Param("bits", 4, "Bits per weight.", (2, 3, 4, 8)),
             GROUP,
             Param("act_order", False, "Quantize columns in order of decreasing activation size (desc_act)."),
-            Param("damp", 0.05, "Dampening added to the Hessian diagonal, as a fraction of its mean.", minimum=0.0),
+            Param(
+                "damp",
+                0.05,
+                "Dampening added to the Hessian diagonal, as a fraction of its mean.",
+                minimum=0.0,
+                maximum=1.0,
+                exclusive=True,
+            ),
             SAMPLES,
             BLOCK_TOKENS,
         ),

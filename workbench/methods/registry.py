@@ -64,6 +64,8 @@ def parse(text: str, adapter: str | None = None) -> Choice:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise WorkbenchError(f"{text!r}: parameters are written name:key=value:key=value, got {pair!r}.")
+        if key in overrides:
+            raise WorkbenchError(f"{text!r}: {key} is set twice; set it once.")
         overrides[key] = value
     # An absolute folder: a worker process runs elsewhere (its own scratch working directory).
     return Choice(

@@ -338,6 +338,16 @@ def default_folder() -> Path:
     return models.cache_dir() / "sensitivity"
 
 
+def _cached_map(path: Path, log) -> SensitivityMap | None:
+    """The map cached at `path`; None when there is none, or it cannot be used (said, then computed again)."""
+    try:
+        text = files.read_own_text(path, "sensitivity map")
+        return None if text is None else SensitivityMap.from_dict(json.loads(text))
+    except (WorkbenchError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        log(f"sensitivity: the cached map {path} cannot be used ({str(exc)[:200]}); computing it again.")
+        return None
+
+
 def load_or_compute(
     source: models.ModelSource,
     quantize: FakeQuantize,
@@ -360,11 +370,10 @@ def load_or_compute(
         models.fingerprint(source), sha, tokens, method, unit, sorted(blocks) if blocks is not None else None
     )
     path = folder / f"{key}.json"
-    if path.is_file() and not rerun:
-        cached = SensitivityMap.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        if cached.end_to_end_s is not None or not end_to_end:
-            log(f"sensitivity: reusing {path}")
-            return cached, path
+    cached = None if rerun else _cached_map(path, log)
+    if cached is not None and (cached.end_to_end_s is not None or not end_to_end):
+        log(f"sensitivity: reusing {path}")
+        return cached, path
     smap = compute(
         source, quantize, method, tokens, unit, sorted(blocks) if blocks is not None else None, end_to_end, log
     )

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from workbench import methods
+from workbench.core import files
 from workbench.core.errors import WorkbenchError
 from workbench.methods import Choice
 from workbench.run import results
@@ -33,17 +34,46 @@ class History:
     """The results this object recorded, in the order they finished (and, kept in memory
     only, the ones it was given)."""
 
+    def __post_init__(self):
+        if self.path is not None:
+            files.check_own_file(self.path, "history")  # a link or a FIFO is refused before any work
+
     @classmethod
     def in_folder(cls, folder: Path | str) -> "History":
         return cls(Path(folder) / "history.jsonl")
 
-    def previous(self, log: Callable[[str], None] = print) -> list[Result]:
-        return results.read_history(self.path, log) if self.path is not None else list(self.kept)
+    def previous(self, log: Callable[[str], None] = print) -> Iterable[Result]:
+        return results.iter_history(self.path, log) if self.path is not None else list(self.kept)
 
     def append(self, result: Result) -> None:
         if self.path is not None:
             results.append_history([result], self.path)
         self.kept.append(result)
+
+
+def reusable(previous: Iterable[Result], log) -> dict[str, Result]:
+    """The results that can be reused, by identity. When one identity was measured more than once
+    with different values (a re-run after the backend's nondeterminism, or hand-edited lines), the
+    latest line wins, the newest measurement, and the log says so."""
+    done, differing = {}, set()
+    for result in previous:
+        if result.error is not None:
+            continue
+        key = result.key()
+        earlier = done.get(key)
+        if earlier is not None and _values(earlier) != _values(result):
+            differing.add(result.label)
+        done[key] = result
+    if differing:
+        log(
+            f"history: {', '.join(sorted(differing))} measured more than once with one identity and different values; "
+            "the latest line is used (--rerun measures again)."
+        )
+    return done
+
+
+def _values(result: Result) -> tuple:
+    return (result.ppl, result.kl_mean, result.weight_bytes, result.bits_per_weight)
 
 
 def executor_for(in_process: bool, library_log: Callable[[str], None] | None = None):
@@ -74,7 +104,8 @@ def compare(
     instead of reused from the history; each of these is logged with the reason."""
     executor = executor or WorkerProcesses()
     history = history if history is not None else History()
-    done = {r.key(): r for r in history.previous(log) if r.error is None}
+    files.remove_stale_folders(log)
+    done = reusable(history.previous(log), log)
     slots: list[Result | None] = []
     pending: list[tuple[int, Choice]] = []
     reused_reference = None

@@ -22,8 +22,16 @@ def supported() -> list[str]:
     return [name for name, method in methods.REGISTRY.items() if method.fake_quantize is not None]
 
 
-def check_map_choice(text: str, source: models.ModelSource) -> methods.Choice:
-    """The map's method, refused before any work when unsupported or its group does not fit."""
+MIN_TOKENS = 32
+"""Fewer calibration tokens than this and a cell's KL is mostly noise (and `mixed` takes 32 at least)."""
+
+
+def check_map_choice(text: str, source: models.ModelSource, tokens: int = 512) -> methods.Choice:
+    """The map's method and token count, refused before any work when unsupported or its group does not fit."""
+    if not isinstance(tokens, int) or tokens < MIN_TOKENS:
+        raise WorkbenchError(
+            f"sensitivity map: --tokens {tokens!r}: measure on at least {MIN_TOKENS} tokens (512 is the default)."
+        )
     choice = methods.parse(text)
     if choice.method.fake_quantize is None:
         raise WorkbenchError(
@@ -54,7 +62,7 @@ def compute(
     log: Callable[[str], None] = print,
 ) -> sensitivity.SensitivityMap:
     """The map of `method` (a choice text) on `source`, computed now (see `sensitivity.compute`)."""
-    choice = check_map_choice(method, source)
+    choice = check_map_choice(method, source, tokens)
     return sensitivity.compute(source, fake_quantizer(choice), choice.text, tokens, unit, blocks, end_to_end, log)
 
 
@@ -71,7 +79,7 @@ def load_or_compute(
 ) -> tuple[sensitivity.SensitivityMap, Path]:
     """The cached map of `method` (a choice text) on `source`, or a new one (see
     `sensitivity.load_or_compute`)."""
-    choice = check_map_choice(method, source)
+    choice = check_map_choice(method, source, tokens)
     return sensitivity.load_or_compute(
         source, fake_quantizer(choice), choice.text, tokens, unit, blocks, folder, rerun, end_to_end, log
     )

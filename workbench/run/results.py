@@ -14,6 +14,7 @@ import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Iterator
 
 from workbench.core import files
 
@@ -134,10 +135,13 @@ class Result:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
         for name, kinds in RECORD_TYPES.items():
+            if name not in values and name not in REQUIRED:
+                continue  # an older record without this field: the default
             value = values.get(name)
             wrong_type = not isinstance(value, kinds) or isinstance(value, bool)
-            if name in REQUIRED and value is None or value is not None and wrong_type:
+            if (name in REQUIRED or name not in NULLABLE) and value is None or value is not None and wrong_type:
                 raise ValueError(f"{name}: {value!r} is not a {kinds}")
+            check_json_value(name, value, scalars_only=name in SCALAR_DICTS)
             if (
                 isinstance(value, (int, float))
                 and not isinstance(value, bool)
@@ -152,18 +156,45 @@ class Result:
 NUMBER = (int, float)
 
 
-def _record_types() -> dict:
-    """The type each field of a record is written with, read from `Result`'s annotations (None
-    allowed unless REQUIRED; a float field takes an int too): a new field is checked without
-    another edit."""
-    kinds = {}
+def _record_types() -> tuple[dict, set]:
+    """The type each field of a record is written with, read from `Result`'s annotations (a
+    float field takes an int too), and the fields that may be None: a new field is checked
+    without another edit."""
+    kinds, nullable = {}, set()
     for name, hint in typing.get_type_hints(Result).items():
-        kind = next(k for k in (typing.get_args(hint) or (hint,)) if k is not type(None))
+        options = typing.get_args(hint) or (hint,)
+        kind = next(k for k in options if k is not type(None))
         kinds[name] = NUMBER if kind is float else kind
-    return kinds
+        if type(None) in options:
+            nullable.add(name)
+    return kinds, nullable
 
 
-RECORD_TYPES = _record_types()
+RECORD_TYPES, NULLABLE = _record_types()
+SCALAR_DICTS = ("params", "protocol", "environment", "calibration")
+"""Fields whose values are single settings: a list or dict inside them is refused."""
+MAX_NESTING = 6
+"""Depth of the dicts and lists a record may hold (`details` of `mixed` has two levels)."""
+INT_LIMIT = 2**63
+
+
+def check_json_value(name: str, value, depth: int = 0, scalars_only: bool = False) -> None:
+    """A value read back from a record: JSON scalars, lists and string-keyed dicts no deeper than
+    MAX_NESTING, every number finite and within 64 bits. Raises ValueError naming the field."""
+    if isinstance(value, dict | list):
+        if depth >= MAX_NESTING or scalars_only and depth:
+            raise ValueError(f"{name}: nested too deep")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, dict) and not isinstance(key, str):
+                raise ValueError(f"{name}: key {key!r} is not a string")
+            check_json_value(f"{name}.{key}", item, depth + 1, scalars_only)
+    elif isinstance(value, float) and not math.isfinite(value) or isinstance(value, int) and abs(value) >= INT_LIMIT:
+        raise ValueError(f"{name}: {value!r} is not a usable number")
+    elif not (value is None or isinstance(value, str | int | float)):
+        raise ValueError(f"{name}: a {type(value).__name__} is not a JSON value")
+
+
 REQUIRED = ("model", "method", "family", "bits", "params", "device")
 
 
@@ -173,28 +204,42 @@ def append_history(results: list[Result], path: Path) -> None:
         files.append_line(path, json.dumps(result.to_dict(), allow_nan=False))
 
 
+UNUSABLE_LINE = (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError)
+"""What one line of a history can raise while it is read and checked: it is skipped, never fatal."""
+
+
 def read_history(path: Path, log=None) -> list[Result]:
-    """The records of a history file. Lines that cannot be used (cut short, not JSON, another
-    schema) are skipped, never rewritten; `log` is told how many and which."""
-    if not path.is_file():
-        return []
-    records, skipped = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-            if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-                raise ValueError("another schema")
-            records.append(Result.from_dict(data))
-        except (ValueError, TypeError):
-            skipped.append(number)
+    """All records of a history file (see `iter_history`)."""
+    return list(iter_history(path, log))
+
+
+def iter_history(path: Path, log=None) -> Iterator[Result]:
+    """The records of a history file, read a line at a time (a long history is never held whole).
+    Lines that cannot be used (cut short, not JSON, another schema, a field of the wrong type at
+    any depth) are skipped, never rewritten; `log` is told how many and which at the end. A
+    history that is not a regular file is refused."""
+    file = files.open_own_text(path, "history")
+    if file is None:
+        return
+    skipped = []
+    with file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+                    raise ValueError("another schema")
+                record = Result.from_dict(data)
+            except UNUSABLE_LINE:
+                skipped.append(number)
+                continue
+            yield record
     if skipped and log:
         shown = ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else "")
         log(
             f"history {path}: skipped {len(skipped)} line(s) that could not be used (line {shown}); they are left as they are."
         )
-    return records
 
 
 def baseline_of(results: list[Result]) -> Result | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, fields
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workbench import methods
-from workbench.core import allocator
+from workbench.core import allocator, files
 from workbench.core.errors import WorkbenchError
 from workbench.methods import Choice
 from workbench.metrics import divergence, memory, perplexity, speed
@@ -80,7 +79,7 @@ def build(session: Session, choice: Choice | str, log: Callable[[str], None] = p
         raise WorkbenchError(f"{method.name}: {reason}")
     log(f"[{choice.label}] quantizing {session.source.label} on {session.device}...")
     torch.manual_seed(SEED)
-    workdir = Path(tempfile.mkdtemp(prefix="workbench-"))
+    workdir = files.scratch_folder("build")
     try:
         start = time.perf_counter()
         calibration = None

@@ -41,12 +41,18 @@ class Session:
     @classmethod
     def open(cls, spec: ModelSpec, eval_cfg: EvalConfig, log: Callable[[str], None] = print) -> "Session":
         source = models.resolve(spec.name, spec.token, log, trust_remote_code=spec.trust_remote_code)
-        return cls.from_source(source, spec.resolved_device(), eval_cfg)
+        session = cls.from_source(source, spec.resolved_device(), eval_cfg, log)
+        models.empty_model(
+            source
+        )  # a config transformers reads but cannot build a model from: refused here, not per method
+        return session
 
     @classmethod
-    def from_source(cls, source: models.ModelSource, device: str, eval_cfg: EvalConfig = EvalConfig()) -> "Session":
+    def from_source(
+        cls, source: models.ModelSource, device: str, eval_cfg: EvalConfig = EvalConfig(), log: Callable | None = None
+    ) -> "Session":
         """Check the model runs no code it ships unless trusted and is a causal LM that takes the
-        protocol's windows, then tokenize the text."""
+        protocol's windows, then tokenize the text (`log` is told how much of a text file is used)."""
         remote_code.check(source)  # again: a source built by hand (fine-tuning, workers) skips `resolve`
         config = models.check_causal_lm(source)
         context = models.context_length(config)
@@ -56,9 +62,19 @@ class Session:
                 f"{context} tokens; use --max-length {context} or less."
             )
         tokenizer = models.load_tokenizer(source)
-        text = data.read_text_file(eval_cfg.text_path) if eval_cfg.text_path else data.builtin_eval_text()
+        text = data.builtin_eval_text()
+        if eval_cfg.text_path:
+            keep = data.chars_to_keep(eval_cfg.max_tokens, eval_cfg.allow_long)
+            text = data.read_text_file(eval_cfg.text_path, keep)
         data.check_eval_length(tokenizer, text, eval_cfg.max_tokens, eval_cfg.allow_long)
+        if not eval_cfg.max_tokens and not text.whole:  # all of it, and the check found it short enough
+            text = data.read_text_file(eval_cfg.text_path)
         ids = data.eval_tokens(tokenizer, text, eval_cfg.max_tokens)
+        if eval_cfg.text_path and log:
+            log(
+                f"eval text {text.name}: {len(ids):,} tokens scored, taken from the start of its "
+                f"{text.total_chars:,} characters"
+            )
         return cls(
             source,
             device,
@@ -68,7 +84,7 @@ class Session:
             perplexity.expects_bos(tokenizer),
             eval_cfg,
             models.fingerprint(source),
-            hashlib.sha256(text.text.encode()).hexdigest()[:16],
+            text.sha,
         )
 
     def planned_protocol(self) -> dict:

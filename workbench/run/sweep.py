@@ -23,6 +23,8 @@ from workbench.run.results import MB, Result
 from workbench.run.tradeoff import metric_of, pareto_front, trade_off_points
 
 EXAMPLE = '--grid "rtn:bits=2,3,4:group_size=32,64" --grid bnb-nf4'
+MAX_CELLS = 64
+"""More cells than this are refused unless asked for: each cell builds and measures the model once."""
 
 
 def expand_grid(grid: str) -> list[Choice]:
@@ -53,10 +55,17 @@ def expand_grid(grid: str) -> list[Choice]:
     return cells
 
 
-def expand(grids: list[str], log: Callable[[str], None] = print) -> list[Choice]:
-    """The cells of all grids, each distinct choice once, in the order first named."""
+def expand(grids: list[str], log: Callable[[str], None] = print, allow_large: bool = False) -> list[Choice]:
+    """The cells of all grids, each distinct choice once, in the order first named; more than
+    MAX_CELLS are refused unless `allow_large`."""
     if not grids:
         raise WorkbenchError(f"--grid: no grid given. Example: {EXAMPLE}")
+    named = _count(grids)
+    if named > MAX_CELLS and not allow_large:
+        raise WorkbenchError(
+            f"--grid: {named:,} cells; each builds and measures the model once (a minute or more on a CPU), so this "
+            f"sweep would run for hours. Narrow the grids to {MAX_CELLS} cells or fewer, or pass --allow-large-sweep."
+        )
     cells: dict[tuple, Choice] = {}
     for grid in grids:
         for cell in expand_grid(grid):
@@ -64,6 +73,17 @@ def expand(grids: list[str], log: Callable[[str], None] = print) -> list[Choice]
                 log(f"note: {cell.label} is a cell of more than one grid (or named twice); measuring it once.")
             cells.setdefault((cell.text, cell.adapter), cell)
     return list(cells.values())
+
+
+def _count(grids: list[str]) -> int:
+    """How many cells the grids name, counted without building them (a product of list lengths)."""
+    total = 0
+    for grid in grids:
+        cells = 1
+        for pair in grid.split(":")[1:]:
+            cells *= len(pair.partition("=")[2].split(","))
+        total += cells
+    return total
 
 
 def format_front(results: list[Result], metric: str = "ppl") -> str:

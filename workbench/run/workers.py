@@ -23,6 +23,7 @@ from multiprocessing import connection, get_context
 from pathlib import Path
 from typing import Callable
 
+from workbench.core import files
 from workbench.core.errors import WorkbenchError
 from workbench.core.quiet import LIBRARIES
 from workbench.methods import Choice
@@ -79,7 +80,7 @@ class WorkerProcesses:
                     return
                 while queue and len(running) < self.jobs:
                     index, choice = queue.pop(0)
-                    running.append(self._start(session, index, choice))
+                    self._start(session, index, choice, running)
                 ready = connection.wait([task.conn for task in running], timeout=0.1)
                 for task in list(running):
                     self._drain(task, task.conn in ready, log, progress)
@@ -93,11 +94,13 @@ class WorkerProcesses:
                 self._stop(task)
                 self._cleanup(task)
 
-    def _start(self, session, index: int, choice: Choice) -> _Task:
+    def _start(self, session, index: int, choice: Choice, running: list) -> None:
+        """Start a worker for `choice`; its task joins `running` before the process starts, so a
+        Ctrl-C that lands while it starts still ends it and removes its scratch folder."""
         self.warm_up()
         context = _worker_context()
         receive, send = context.Pipe(duplex=False)
-        scratch = Path(tempfile.mkdtemp(prefix="workbench-worker-"))
+        scratch = files.scratch_folder("worker")
         threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else None
         process = context.Process(
             target=_worker_main,
@@ -115,10 +118,10 @@ class WorkerProcesses:
                 threads,
             ),
         )
+        log_file = open(scratch / "library.log", "a+", encoding="utf-8", errors="replace")
+        running.append(_Task(index, choice, process, receive, scratch, time.monotonic(), log_file))
         process.start()
         send.close()
-        log_file = open(scratch / "library.log", "a+", encoding="utf-8", errors="replace")
-        return _Task(index, choice, process, receive, scratch, time.monotonic(), log_file)
 
     def _drain(self, task: _Task, ready: bool, log, progress) -> None:
         while ready and task.result is None:

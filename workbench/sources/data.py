@@ -8,6 +8,7 @@ the two never overlap. Any other UTF-8 text file can be given as the evaluation 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,21 @@ class Text:
     name: str
     """How the text is labelled in every result."""
     text: str
+    """The text, or only as much of its beginning as the protocol can use (see `read_text_file`)."""
+    sha: str = ""
+    """sha256 of the whole text (its first 16 hex digits): part of a result's identity."""
+    total_chars: int = 0
+    """Characters in the whole text, of which `text` holds the first."""
+
+    def __post_init__(self):
+        if not self.sha:
+            object.__setattr__(self, "sha", hashlib.sha256(self.text.encode()).hexdigest()[:16])
+        if not self.total_chars:
+            object.__setattr__(self, "total_chars", len(self.text))
+
+    @property
+    def whole(self) -> bool:
+        return len(self.text) == self.total_chars
 
 
 def builtin_corpus() -> str:
@@ -48,28 +64,70 @@ def builtin_calibration_text() -> Text:
     return Text(f"{BUILTIN_NAME} (second half)", corpus[len(corpus) // 2 :])
 
 
-def read_text_file(path: str) -> Text:
-    """A user's plain UTF-8 text file, with an actionable error for every way it can be wrong."""
+READ_CHUNK_BYTES = 1 << 20
+
+
+def read_text_file(path: str, keep_chars: int | None = None) -> Text:
+    """A user's plain UTF-8 text file, with an actionable error for every way it can be wrong.
+
+    Read in chunks: the whole file is checked (UTF-8), counted and hashed (the identity of what
+    was measured on it), but only its first `keep_chars` characters are kept (None: all), so a
+    huge file costs a read, not its size in memory. Line ends are read as Python's text mode
+    reads them (\r\n and \r become \n)."""
+    import codecs
+
     file = Path(path).expanduser()
     if not file.is_file():
         raise WorkbenchError(f"eval text {path!r}: no such file.")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    digest, kept, total, offset, carry = hashlib.sha256(), [], 0, 0, ""
+    with file.open("rb") as data:
+        while chunk := data.read(READ_CHUNK_BYTES):
+            try:
+                text = carry + decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise WorkbenchError(
+                    f"eval text {path!r}: not UTF-8 text (byte {offset + exc.start}). Save it as UTF-8 plain text."
+                ) from None
+            offset += len(chunk)
+            carry = "\r" if text.endswith("\r") else ""  # a \r\n may straddle two chunks
+            text = (text[:-1] if carry else text).replace("\r\n", "\n").replace("\r", "\n")
+            digest.update(text.encode())
+            total += len(text)
+            if keep_chars is None or sum(map(len, kept)) < keep_chars:
+                kept.append(text)
     try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
+        tail = (carry + decoder.decode(b"", final=True)).replace("\r", "\n")
+    except UnicodeDecodeError:
         raise WorkbenchError(
-            f"eval text {path!r}: not UTF-8 text (byte {exc.start}). Save it as UTF-8 plain text."
+            f"eval text {path!r}: not UTF-8 text (it ends inside a character). Save it as UTF-8 plain text."
         ) from None
+    digest.update(tail.encode())
+    total, kept = total + len(tail), kept + [tail]
+    text = "".join(kept) if keep_chars is None else "".join(kept)[:keep_chars]
     if not text.strip():
         raise WorkbenchError(
             f"eval text {path!r}: the file is empty. Give a file with at least a few paragraphs of text."
         )
-    return Text(file.name, text)
+    return Text(file.name, text, digest.hexdigest()[:16], total)
+
+
+CHARS_PER_TOKEN_BOUND = 8
+"""Characters read per token wanted: English prose takes about 4 a token, so twice that is plenty."""
+
+
+def chars_to_keep(max_tokens: int, allow_long: bool) -> int | None:
+    """How much of an evaluation file to keep in memory: what `eval_tokens` can use, or for all of
+    it (max_tokens 0) at most what `check_eval_length` lets through without `allow_long`."""
+    if max_tokens:
+        return max_tokens * CHARS_PER_TOKEN_BOUND
+    return None if allow_long else LONG_EVAL_TOKENS * CHARS_PER_TOKEN_BOUND
 
 
 def eval_tokens(tokenizer, text: Text, max_tokens: int) -> list[int]:
     """Token ids of the evaluation text (no special tokens), cut to `max_tokens` (0 = all)."""
     # Tokenize only a generous prefix: ~4 characters per token in English prose.
-    chars = text.text if not max_tokens else text.text[: max_tokens * 8]
+    chars = text.text if not max_tokens else text.text[: max_tokens * CHARS_PER_TOKEN_BOUND]
     ids = tokenizer(chars, add_special_tokens=False)["input_ids"]
     ids = ids[:max_tokens] if max_tokens else ids
     if len(ids) < MIN_EVAL_TOKENS:
@@ -86,7 +144,7 @@ def check_eval_length(tokenizer, text: Text, max_tokens: int, allow_long: bool =
         return
     sample = text.text[:20_000]
     chars_per_token = len(sample) / max(1, len(tokenizer(sample, add_special_tokens=False)["input_ids"]))
-    tokens = int(len(text.text) / chars_per_token)
+    tokens = int(text.total_chars / chars_per_token)
     if max_tokens:
         tokens = min(tokens, max_tokens)
     if tokens <= LONG_EVAL_TOKENS:

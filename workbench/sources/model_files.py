@@ -3,8 +3,10 @@
 - `content_fingerprint`: a model folder's identity is its content (config, tokenizer and
   weight files by size and sha256), so `models/tiny` and `models2/tiny` with other weights
   never share history rows while two copies of one model do. Hashes of large files are
-  cached by (absolute path, size, mtime) in a small JSON file, so the second call reads no
-  weights.
+  cached by (absolute path, size, mtime, ctime, inode) in a small JSON file, so the second
+  call reads no weights. The change time (ctime) is there because no copy tool can set it
+  back: weights replaced by others of the same size with the old mtime restored (`cp -p`,
+  `rsync -a`, `tar x`) are hashed again, not taken for the old ones.
 - `check_folder` / `check_converted`: config.json that is not JSON and safetensors files cut
   short or not safetensors are refused with one message before any loader sees them (a
   damaged conversion cache names the command that clears it).
@@ -29,7 +31,7 @@ from workbench.core.errors import WorkbenchError
 CACHED_HASH_BYTES = 1024 * 1024
 """Files at least this large have their sha256 cached; smaller ones are hashed on every call."""
 RACY_NS = 2 * 10**9
-"""A file modified less than this long ago is not cached: a rewrite within the same mtime tick
+"""A file changed less than this long ago is not cached: a rewrite within the same ctime tick
 and of the same size would otherwise keep the old hash (git's "racily clean" rule)."""
 SKIPPED_SUFFIXES = (".md", ".lock", ".partial")
 
@@ -54,16 +56,13 @@ def content_fingerprint(folder: Path, cache_file: Path) -> str:
         stat = file.stat()
         key, entry = str(file.resolve()), None
         cached = cache.get(key)
-        if (
-            isinstance(cached, dict)
-            and cached.get("size") == stat.st_size
-            and cached.get("mtime_ns") == stat.st_mtime_ns
-        ):
+        seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+        if isinstance(cached, dict) and all(cached.get(name) == value for name, value in seen.items()):
             entry = cached.get("sha256")
         if not isinstance(entry, str):
             entry = _sha256(file)
-            if stat.st_size >= CACHED_HASH_BYTES and time.time_ns() - stat.st_mtime_ns > RACY_NS:
-                cache[key], changed = ({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": entry}, True)
+            if stat.st_size >= CACHED_HASH_BYTES and time.time_ns() - stat.st_ctime_ns > RACY_NS:
+                cache[key], changed = ({**seen, "sha256": entry}, True)
         digest.update(f"{file.name}\0{stat.st_size}\0{entry}\n".encode())
     if changed:
         _write_cache(cache_file, cache)
@@ -81,8 +80,8 @@ def _sha256(file: Path) -> str:
 def _read_cache(cache_file: Path) -> dict:
     """The cached hashes; a missing or damaged cache is an empty one (it only saves time)."""
     try:
-        value = json.loads(cache_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        value = json.loads(files.read_own_text(cache_file, "fingerprint cache") or "{}")
+    except (WorkbenchError, ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -108,8 +107,14 @@ def folder_problem(folder: Path) -> str | None:
         return "config.json is not UTF-8 text"
     except json.JSONDecodeError as exc:
         return f"config.json is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    except RecursionError:
+        return "config.json is nested too deeply to be a model's settings"
     if not isinstance(config, dict):
         return f"config.json holds a JSON {type(config).__name__}, not an object of settings"
+    for name in TOKENIZER_FILES:
+        problem = _json_problem(folder / name)
+        if problem:
+            return f"{name} {problem}"
     for file in sorted(folder.glob("*.safetensors")):
         problem = safetensors_problem(file)
         if problem:
@@ -127,16 +132,40 @@ def safetensors_problem(file: Path) -> str | None:
             if length > size - 8 or length > 100 * 2**20:
                 return f"is not a safetensors file, or is cut short ({size:,} bytes)"
             header = json.loads(data.read(length))
-    except (struct.error, ValueError):
+    except (struct.error, ValueError, RecursionError):
         return f"is not a safetensors file, or is cut short ({size:,} bytes)"
-    ends = [
-        entry["data_offsets"][1]
-        for name, entry in header.items()
-        if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2
-    ]
+    if not isinstance(header, dict):
+        return f"has a header that is a JSON {type(header).__name__}, not a table of tensors: it is damaged"
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+            return f"has a damaged header: tensor {name[:80]!r} has no valid byte range"
+        ends.append(offsets[1])
     expected = 8 + length + max(ends, default=0)
     if size != expected:
         return f"is {size:,} bytes but its header describes {expected:,}: it was cut short or damaged"
+    return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""JSON files a tokenizer loads from a model folder: checked here, so a damaged one is one error line."""
+
+
+def _json_problem(file: Path) -> str | None:
+    """Why a JSON file of a model folder cannot be read (a byte-order mark included: the loaders refuse it), or None."""
+    if not file.is_file():
+        return None
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        return f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    except RecursionError:
+        return "is nested too deeply"
     return None
 
 

@@ -175,9 +175,7 @@ def check_causal_lm(source: ModelSource):
         )
     except WorkbenchError:
         raise
-    except (
-        Exception
-    ) as exc:  # not JSON (OSError), a value of the wrong type (a validation error), an unknown model type...
+    except Exception as exc:  # not JSON (OSError), a value of the wrong type, an unknown model type...
         raise WorkbenchError(
             f"model {source.label!r}: transformers cannot read its config ({_first_words(exc)}). "
             "Fix config.json or use the folder save_pretrained wrote."

@@ -46,12 +46,13 @@ def refusal(label: str, filename: str, auto_map) -> str:
 
 
 def code_files(auto_map) -> list[str]:
-    """The files an `auto_map` would import: `my_model.MyModel` -> `my_model.py`, and
-    `org/repo--my_model.MyModel` (code from another hub repo) -> `my_model.py from org/repo`."""
+    """The files an `auto_map` would import: `my_model.MyModel` -> `my_model.py`, a module in a
+    package `sub.mod.MyModel` -> `sub/mod.py`, and `org/repo--my_model.MyModel` (code from another
+    hub repo) -> `my_model.py from org/repo`."""
     files = []
     for _, reference in _entries(auto_map):
         repo, _, reference = reference.rpartition("--")
-        name = reference.rsplit(".", 1)[0] + ".py"
+        name = reference.rsplit(".", 1)[0].replace(".", "/") + ".py"
         name = f"{name} from {repo}" if repo else name
         if name not in files:
             files.append(name)

@@ -188,7 +188,7 @@ METHODS = (
             ),
             Param("budget_mb", 0.0, "Budget in MB of block-linear weights instead (0: use budget_bits).", minimum=0.0),
             Param("widths", "3,4,8", "Widths to choose from, comma-separated."),
-            Param("group_size", 64, "Weights per scale group (every width).", minimum=-1),
+            Param("group_size", 64, "Weights per scale group (every width).", gptq.GROUP_SIZES),
             Param("granularity", "block", "Choose bits per block or per layer.", mixed.GRANULARITIES),
             Param("map_tokens", 512, "Calibration-text tokens the sensitivity map is measured on.", minimum=32),
             Param(
