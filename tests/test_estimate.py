@@ -130,3 +130,21 @@ def test_format_and_json(tiny):
     assert data["total_params"] == est.total_params
     assert data["rows"][0]["method"] == "fp32"
     assert data["runtime_factor"] == 1.2
+
+
+def test_a_config_claiming_hundreds_of_billions_of_parameters_is_estimated_from_shapes(tmp_path):
+    """Nothing is allocated: a 1M-token vocabulary of 65,536-wide embeddings (262 GB in fp32) is a shape."""
+    huge = dict(
+        vocab_size=1_000_000,
+        hidden_size=65_536,
+        intermediate_size=262_144,
+        num_hidden_layers=2,
+        num_attention_heads=512,
+        num_key_value_heads=8,
+        max_position_embeddings=1 << 24,
+        tie_word_embeddings=False,
+    )
+    result = estimate(config_source(tmp_path, "huge", **huge))
+    embeddings = 2 * 1_000_000 * 65_536
+    block = 65_536 * (65_536 + 2 * 8 * 128 + 65_536) + 3 * 65_536 * 262_144
+    assert result.total_params >= embeddings + 2 * block

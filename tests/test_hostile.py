@@ -888,3 +888,15 @@ def test_the_command_line_keeps_library_noise_out_of_a_redirected_stderr(tmp_pat
     assert "[bnb-nf4] perplexity: 1/1 windows" in done.stderr
     assert done.stderr.count(str(tmp_path / "cache" / "library.log")) == 1
     assert (tmp_path / "cache" / "library.log").stat().st_size > 0
+
+
+def test_a_gguf_next_to_a_config_naming_code_is_refused_for_that_reason(capsys, case):
+    """Not "damaged, download it again": the file is fine, its neighbour would run code."""
+    folder = case.tmp / "downloads"
+    folder.mkdir()
+    gguf = _write_tiny_gguf(folder / "tiny.gguf")
+    (folder / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "sub.mod.Evil"}}))
+    code, _, err = run(capsys, "compare", "--model", gguf, "--methods", "fp32", "--out", case.tmp / "o", *FAST)
+    assert code == 2
+    assert_one_error_line(err, "its folder holds a config.json that asks to run Python code (sub/mod.py)")
+    assert "download it again" not in err and not (case.tmp / "o").exists()

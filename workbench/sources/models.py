@@ -141,7 +141,7 @@ def empty_model(source: ModelSource):
         del config_dict["quantization_config"]
         config = type(config)(**config_dict)
     try:
-        with init_empty_weights():
+        with init_empty_weights(include_buffers=True):  # every tensor a shape: a config may claim any size
             return AutoModelForCausalLM.from_config(config, trust_remote_code=source.trust_remote_code)
     except Exception as exc:  # values transformers accepts one by one but cannot build a model from
         raise WorkbenchError(
