@@ -18,6 +18,7 @@ SLOWEST_FILES = (
     "tests/test_methods.py",
     "notebooks/05_where_bits_matter.ipynb",
     "tests/test_hostile.py",
+    "tests/test_mixed.py",
     "notebooks/03_qlora_finetune.ipynb",
     "tests/test_ray_executor.py",
     "tests/test_panels_on_ipywidgets7.py",
