@@ -76,7 +76,7 @@ def test_a_ray_sweep_measures_what_the_local_executor_measures_and_a_crash_is_an
 
 
 def test_cancel_after_the_first_result_cancels_the_running_and_the_queued_tasks(local_ray, custom, session):
-    cells = [methods.parse(c) for c in ("bnb-nf4", "test-hang:seconds=300", "test-hang:seconds=301")]
+    cells = [methods.parse(c) for c in ("bnb-nf4", "test-hang:seconds=1800", "test-hang:seconds=1801")]
     finished = []
     start = time.monotonic()
     ray_tasks.RayTasks().run(
@@ -92,7 +92,9 @@ def test_cancel_after_the_first_result_cancels_the_running_and_the_queued_tasks(
     while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2  # the running hang was killed, the queued one never started
-    assert time.monotonic() - start < 120
+    assert (
+        time.monotonic() - start < 1800
+    )  # ended by the cancel, not by the hang running out (however busy the machine)
 
 
 def test_a_task_that_raises_before_measuring_is_an_error_row_saying_why(local_ray, tiny_folder, tmp_path):

@@ -213,8 +213,8 @@ class MethodPicker(Panel):
                 for g in candidates
                 if g > 0 and (param.minimum is None or g >= param.minimum) and all(w % g == 0 for w in widths)
             ]
-            if param.minimum is not None and param.minimum <= -1:
-                allowed.append(-1)
+            if -1 in param.choices or (param.minimum is not None and param.minimum <= -1):
+                allowed.append(-1)  # one group per row fits every width
             old = fields["group_size"]
             value = (
                 old.value
