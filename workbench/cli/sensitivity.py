@@ -55,8 +55,7 @@ def run_sensitivity_command(args) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    if args.tokens < maps.MIN_TOKENS:
-        raise WorkbenchError(f"--tokens {args.tokens}: measure on at least {maps.MIN_TOKENS} tokens (default 512).")
+    maps.check_tokens(args.tokens)
     folder = Path(args.out) / "sensitivity"
     files.check_writable(folder, f"--out {args.out!r}")
     source = models.resolve(args.model, log=log, trust_remote_code=args.trust_remote_code)

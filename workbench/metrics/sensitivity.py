@@ -206,9 +206,8 @@ def compute(
             end_to_end_s = time.perf_counter() - start
             log(f"sensitivity: end-to-end map in {end_to_end_s:.1f} s")
     done = tuple(Cell(c.block, c.kind, c.layers, c.weights, kl, proxy) for c, kl, proxy in zip(cells, kls, proxies))
-    sha = hashlib.sha256(text.text.encode()).hexdigest()[:16]
     return SensitivityMap(
-        source.label, models.fingerprint(source), method, text.name, sha, tokens, unit, done, proxy_s, end_to_end_s
+        source.label, models.fingerprint(source), method, text.name, text.sha, tokens, unit, done, proxy_s, end_to_end_s
     )
 
 
@@ -363,11 +362,13 @@ def load_or_compute(
     """The cached map when one with the same identity exists (and has what is asked), else
     compute it and save it atomically as `<folder>/<key>.json`."""
     folder = Path(folder) if folder is not None else default_folder()
-    tokenizer = models.load_tokenizer(source)
-    text, _ = map_tokens(tokenizer, tokens)
-    sha = hashlib.sha256(text.text.encode()).hexdigest()[:16]
     key = cache_key(
-        models.fingerprint(source), sha, tokens, method, unit, sorted(blocks) if blocks is not None else None
+        models.fingerprint(source),
+        data.builtin_calibration_text().sha,
+        tokens,
+        method,
+        unit,
+        sorted(blocks) if blocks is not None else None,
     )
     path = folder / f"{key}.json"
     cached = None if rerun else _cached_map(path, log)

@@ -26,12 +26,17 @@ MIN_TOKENS = 32
 """Fewer calibration tokens than this and a cell's KL is mostly noise (and `mixed` takes 32 at least)."""
 
 
-def check_map_choice(text: str, source: models.ModelSource, tokens: int = 512) -> methods.Choice:
-    """The map's method and token count, refused before any work when unsupported or its group does not fit."""
+def check_tokens(tokens: int) -> None:
+    """Refuse a map of too few tokens before any work (the CLI asks before the model resolves)."""
     if not isinstance(tokens, int) or tokens < MIN_TOKENS:
         raise WorkbenchError(
             f"sensitivity map: --tokens {tokens!r}: measure on at least {MIN_TOKENS} tokens (512 is the default)."
         )
+
+
+def check_map_choice(text: str, source: models.ModelSource, tokens: int = 512) -> methods.Choice:
+    """The map's method and token count, refused before any work when unsupported or its group does not fit."""
+    check_tokens(tokens)
     choice = methods.parse(text)
     if choice.method.fake_quantize is None:
         raise WorkbenchError(
