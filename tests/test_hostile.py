@@ -800,7 +800,9 @@ def test_a_stopped_run_keeps_what_finished_and_removes_its_temporary_folders(
         cli.send_signal(sig)
         time.sleep(0.05)  # the second lands while the first one's cleanup runs (workers stopping: seconds)
     _, err = cli.communicate(timeout=900)
-    assert cli.returncode == status, err
+    # A second signal that lands after the cleanup, while Python shuts down (it restores the default
+    # handlers there), ends the process by that signal: late, but nothing is lost and nothing printed.
+    assert cli.returncode == status or (signals == 2 and cli.returncode == -sig), err
     assert f"{word}: 1 finished result(s) kept in {history}" in err and "Traceback" not in err
     assert [r.method for r in assert_history_extended(b"", history)] == ["fp32"]
     assert _workdirs(tmp_path / "tmp") == []

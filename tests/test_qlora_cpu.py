@@ -148,6 +148,7 @@ def reloaded(bundled_source, real_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two fine-tunes (its fixture's and its own): 3 minutes on 2 idle cores
 def test_qlora_learns_at_least_half_as_much_as_lora_on_fp32(bundled_source, small_data, real_run, tmp_path):
     lora = _run(bundled_source, tmp_path / "lora", "fp32", small_data, max_new_tokens=0).report
     qlora = real_run.report

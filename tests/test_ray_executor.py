@@ -46,6 +46,7 @@ def _rows(folder):
     return json.loads((folder / "results.json").read_text())
 
 
+@pytest.mark.timeout(1800)  # Ray's start and nine cells: 3.5 minutes on 2 idle cores
 def test_a_ray_sweep_measures_what_the_local_executor_measures_and_a_crash_is_an_error_row(
     local_ray, custom, capsys, tiny_folder, tmp_path
 ):

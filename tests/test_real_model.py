@@ -16,7 +16,7 @@ from workbench.run import estimate, executors, runner
 from workbench.run.compare import compare
 from workbench.sources import models
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the first test builds all methods: 6 min on 2 idle cores
 
 GPTQ = (
     "gptq:samples=4"  # 4 calibration blocks instead of 16: 46 s instead of 68 s here, perplexity 17.9 instead of 16.9
