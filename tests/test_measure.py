@@ -246,3 +246,27 @@ def test_peak_memory_counts_the_block_not_what_came_before():
         inside = _touched(100)
         del inside  # freed at once: a 10 ms sampler may miss it, the kernel's high-water mark does not
     assert 90 * MB <= peak.above_baseline_bytes < 250 * MB
+
+
+def test_the_run_peak_counts_what_using_the_model_takes_from_the_builds_baseline():
+    """A build that holds 64 MB and frees 256 MB of scratch, then a run that needs 32 MB more:
+    the build peak is about 320 MB, the run peak about 96 MB (what is kept plus what running adds)."""
+    from workbench.core import allocator
+
+    if not memory.reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    allocator.release_freed()  # as `runner.evaluate` does: earlier tests' garbage is not the baseline's
+    with allocator.large_blocks_apart("cpu") as apart:
+        with PeakMemory("cpu", large_blocks_apart=apart) as build:
+            kept, scratch = _touched(64), _touched(256)
+            del scratch
+        allocator.release_freed()
+        with PeakMemory("cpu", False, apart, build.baseline_bytes) as run:
+            working = _touched(32)
+            del working
+    fields = memory.phase_fields(build, run)
+    assert fields["build_peak_bytes"] >= 300 * MB
+    assert 90 * MB <= fields["run_peak_bytes"] < 200 * MB
+    assert fields["peak_above_baseline_bytes"] == fields["build_peak_bytes"]
+    assert fields["peak_bytes"] == build.peak_bytes and fields["peak_kind"] == build.kind
+    del kept

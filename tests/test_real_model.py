@@ -100,3 +100,13 @@ def test_2bit_round_to_nearest_collapses(ppl):
 def test_gptq_beats_round_to_nearest_at_the_same_bits_and_group(ppl):
     # Both 4-bit, group 64, symmetric, same format and kernel: the difference is GPTQ's calibration.
     assert ppl["gptq"] < ppl["rtn"] * 0.95
+
+
+def test_using_a_model_takes_less_memory_the_fewer_bits_it_stores(measured):
+    """The run peak (score and decode with the built model) orders as the seeds' table orders
+    GPU memory while running (fp16 > 8-bit > 4-bit); making a 4-bit model takes more than
+    using it, because the full-precision weights are loaded first."""
+    run = {label: r.run_peak_bytes for label, r in measured[1].items()}
+    assert run["fp32"] > run["bnb-int8"] > run["bnb-nf4"], run
+    nf4 = measured[1]["bnb-nf4"]
+    assert nf4.build_peak_bytes > nf4.run_peak_bytes >= nf4.weight_bytes

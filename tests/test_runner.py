@@ -243,6 +243,8 @@ def test_worker_rows_report_their_own_peak_above_the_baseline(tiny_session):
     apart = "" if allocator._glibc() is None else " (blocks of 2 MiB and more mapped apart)"
     assert row.mode == "worker" and row.peak_kind == f"peak RSS{apart}"  # the table's footnote says so
     assert row.weight_bytes <= row.peak_above_baseline_bytes < row.peak_bytes  # holds the model, not the imports
+    assert row.weight_bytes <= row.run_peak_bytes  # using the model holds its weights
+    assert row.peak_above_baseline_bytes == max(row.build_peak_bytes, row.run_peak_bytes)
     (here,) = _compare(tiny_session, ["fp32"], executors.InProcess())
     assert here.mode == "in-process" and here.error is None and here.peak_kind == row.peak_kind  # one protocol
 

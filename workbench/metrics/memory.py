@@ -109,10 +109,19 @@ def reset_peak_rss() -> bool:
 class PeakMemory:
     """Peak memory over a block: CUDA max allocated (and reserved) on GPU; on CPU the peak RSS:
     the kernel's exact high-water mark, reset when the block starts (Linux), else sampled every
-    10 ms (plus, in a fresh worker process, the kernel's peak since the process started)."""
+    10 ms (plus, in a fresh worker process, the kernel's peak since the process started).
 
-    def __init__(self, device: str, whole_process: bool = False, large_blocks_apart: bool = False):
-        self.device, self.whole_process = device, whole_process
+    `baseline_bytes` is what the process held when the block started, unless given: the run
+    phase counts from the baseline before the build (`phase_fields`)."""
+
+    def __init__(
+        self,
+        device: str,
+        whole_process: bool = False,
+        large_blocks_apart: bool = False,
+        baseline_bytes: int | None = None,
+    ):
+        self.device, self.whole_process, self._given_baseline = device, whole_process, baseline_bytes
         self.peak_bytes, self.reserved_bytes, self.baseline_bytes = 0, None, 0
         apart = f" (blocks of {LARGE_BLOCK_BYTES >> 20} MiB and more mapped apart)" if large_blocks_apart else ""
         self.kind = "cuda max allocated" if device == "cuda" else f"peak RSS{apart}"
@@ -120,15 +129,6 @@ class PeakMemory:
     @property
     def above_baseline_bytes(self) -> int:
         return max(self.peak_bytes - self.baseline_bytes, 0)
-
-    def result_fields(self) -> dict:
-        """The `Result` fields this metric fills."""
-        return {
-            "peak_bytes": self.peak_bytes,
-            "peak_above_baseline_bytes": self.above_baseline_bytes,
-            "peak_reserved_bytes": self.reserved_bytes,
-            "peak_kind": self.kind,
-        }
 
     def __enter__(self):
         if self.device == "cuda":
@@ -145,6 +145,8 @@ class PeakMemory:
                 self._stop = threading.Event()
                 self._thread = threading.Thread(target=self._sample, daemon=True)
                 self._thread.start()
+        if self._given_baseline is not None:
+            self.baseline_bytes = self._given_baseline
         return self
 
     def _sample(self):
@@ -165,3 +167,18 @@ class PeakMemory:
             kernel_peak = peak_rss_bytes() if self._exact or self.whole_process else None
             self.peak_bytes = max(self.peak_bytes, rss_bytes(), kernel_peak or 0)
         return False
+
+
+def phase_fields(build: PeakMemory, run: PeakMemory) -> dict:
+    """The `Result` fields of a build's peak (load, quantize, warm-up) and the run's after it
+    (perplexity and decoding from the built model, counted from the same baseline, after the
+    build's freed memory went back to the system)."""
+    reserved = [p.reserved_bytes for p in (build, run) if p.reserved_bytes is not None]
+    return {
+        "peak_bytes": max(build.peak_bytes, run.peak_bytes),
+        "peak_above_baseline_bytes": max(build.above_baseline_bytes, run.above_baseline_bytes),
+        "peak_reserved_bytes": max(reserved) if reserved else None,
+        "peak_kind": build.kind,
+        "build_peak_bytes": build.above_baseline_bytes,
+        "run_peak_bytes": run.above_baseline_bytes,
+    }

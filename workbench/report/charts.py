@@ -14,17 +14,22 @@ from workbench.report.display import mimebundle, show  # noqa: F401 (charts.show
 from workbench.run.results import MB, Result, baseline_of, format_details, format_table
 from workbench.run.tradeoff import metric_of, pareto_front, trade_off_points
 
+
+def _mb(name: str):
+    return lambda r: getattr(r, name) / MB if getattr(r, name) else None
+
+
 BAR_METRICS = (
-    # (title, unit label, function of a result, lower is better)
-    ("Perplexity", "perplexity (lower is better)", lambda r: r.ppl, True),
-    ("Weight memory", "MB of stored weights", lambda r: r.weight_bytes / MB if r.weight_bytes else None, True),
+    # (title, unit label, series: (name, function of a result) pairs, lower is better)
+    ("Perplexity", "perplexity (lower is better)", ((None, lambda r: r.ppl),), True),
+    ("Weight memory", "MB of stored weights", ((None, _mb("weight_bytes")),), True),
     (
-        "Peak memory",
+        "Peak memory: making the model and using it",
         "MB peak above the worker's baseline",
-        lambda r: r.peak_above_baseline_bytes / MB if r.peak_above_baseline_bytes else None,
+        (("build peak (load, quantize)", _mb("build_peak_bytes")), ("run peak (score, decode)", _mb("run_peak_bytes"))),
         True,
     ),
-    ("Decode speed", "tokens/s (greedy, batch 1)", lambda r: r.decode_tokens_per_s, False),
+    ("Decode speed", "tokens/s (greedy, batch 1)", ((None, lambda r: r.decode_tokens_per_s),), False),
 )
 
 
@@ -43,21 +48,23 @@ def _protocol_line(results: list[Result]) -> str:
     return f"{done[0].model} · {p.get('text')} · {p.get('n_tokens')} tokens · window {p.get('max_length')} / step {p.get('stride')} · {done[0].device}"
 
 
-def bar_chart(results: list[Result], title: str, unit: str, value, lower_is_better: bool = True):
+def bar_chart(results: list[Result], title: str, unit: str, series, lower_is_better: bool = True):
+    """A bar per method for each of `series` ((name, function of a result) pairs): one series
+    greys the baseline's bar, two or more stand side by side with a legend."""
     import plotly.graph_objects as go
 
-    done = [r for r in _ok(results) if value(r) is not None]
-    base = baseline_of(results)
-    colors = ["#7f7f7f" if r is base else "#1f77b4" for r in done]
-    fig = go.Figure(
-        go.Bar(
+    base, grouped = baseline_of(results), len(series) > 1
+    fig = go.Figure()
+    for name, value in series:
+        done = [r for r in _ok(results) if value(r) is not None]
+        fig.add_bar(
+            name=name,
             x=[r.label for r in done],
             y=[value(r) for r in done],
-            marker_color=colors,
+            marker_color=None if grouped else ["#7f7f7f" if r is base else "#1f77b4" for r in done],
             text=[f"{value(r):.3g}" for r in done],
             textposition="outside",
         )
-    )
     better = "lower is better" if lower_is_better else "higher is better"
     fig.update_layout(
         title=f"{title} ({better})<br><sup>{_protocol_line(results)}</sup>",
@@ -65,8 +72,11 @@ def bar_chart(results: list[Result], title: str, unit: str, value, lower_is_bett
         xaxis_title="method",
         template="plotly_white",
         height=420,
+        barmode="group",
+        showlegend=grouped,
     )
-    if title == "Perplexity" and done and max(value(r) for r in done) > 20 * min(value(r) for r in done):
+    values = [y for trace in fig.data for y in trace.y]
+    if title == "Perplexity" and values and max(values) > 20 * min(values):
         fig.update_yaxes(type="log")  # a collapsed method (int2) would flatten every other bar
     return fig
 

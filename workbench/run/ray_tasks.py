@@ -133,6 +133,7 @@ class RayTasks:
             if self.address:
                 ray.init(address=self.address, **quiet)
             else:
+                same_priority_workers()
                 ray.init(num_cpus=self.num_cpus, **quiet)
         except ConnectionError as exc:
             raise WorkbenchError(
@@ -230,3 +231,12 @@ def _ray_task(source, device, eval_cfg, choice_text, adapter, method_module, mod
         return (result, messages, (scratch / "library.log").read_text(encoding="utf-8", errors="replace").splitlines())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def same_priority_workers() -> None:
+    """A local Ray instance started after this runs its workers at this process's priority.
+    Ray starts them at niceness 15: beside any other busy process (a second sweep, a test
+    suite, a browser) such a worker got a few percent of a core, and a sweep that took 3.5
+    minutes on idle cores did not end in an hour; the local executor's workers are not niced
+    either, so the two measure alike. A value the user set is kept."""
+    os.environ.setdefault("RAY_worker_niceness", "0")

@@ -74,10 +74,17 @@ class Result:
     """CUDA max allocated on GPU; on CPU the peak RSS of the process that measured it."""
     peak_above_baseline_bytes: int | None = None
     """Peak minus what that process held before loading the model (imports, tokenizer, text):
-    what the method itself needed. The table shows this one."""
+    the larger of the build peak and the run peak."""
     peak_reserved_bytes: int | None = None
     """CUDA max reserved (GPU only)."""
     peak_kind: str = ""
+    build_peak_bytes: int | None = None
+    """Peak above that baseline while loading the source weights, quantizing and warming up:
+    what it takes to make the model."""
+    run_peak_bytes: int | None = None
+    """Peak above the same baseline while scoring and decoding with the built model, after the
+    build's freed memory went back to the system: what it takes to use it (weights, activations,
+    KV cache). None in records measured before it was measured apart."""
     load_s: float | None = None
     """Seconds to load and quantize (calibration included), and the warm-up forward pass where
     backends repack weights for their kernels (`measure.warm_up`)."""
@@ -270,7 +277,8 @@ def table_rows(results: list[Result]) -> list[dict]:
                 "ms/token": _round(r.ms_per_token, 1),
                 "tok/s": _round(r.decode_tokens_per_s, 1),
                 "tok/s spread": "" if r.decode_spread is None else f"x{r.decode_spread:.2f}",
-                "peak MB": _round(r.peak_above_baseline_bytes / MB if r.peak_above_baseline_bytes else None, 0),
+                "build peak MB": _round(r.build_peak_bytes / MB if r.build_peak_bytes else None, 0),
+                "run peak MB": _round(r.run_peak_bytes / MB if r.run_peak_bytes else None, 0),
                 "weight MB": _round(r.weight_bytes / MB if r.weight_bytes else None, 1),
                 "bits/weight": _round(r.bits_per_weight, 2),
                 "perplexity": _round(r.ppl, 2),
@@ -315,9 +323,11 @@ def footnotes(results: list[Result]) -> list[str]:
             f"tokens, step {p.get('stride')}, BOS at each window: {p.get('bos')}. Lower is better."
         )
         notes.append(
-            f"Peak MB: {first.peak_kind} during load + evaluation, above what the measuring process held before "
-            "loading the model (imports, tokenizer, text); both numbers are in the JSON. 'run in: worker' = a fresh "
-            "process per method, so earlier methods cannot inflate it. Weight MB: bytes of the stored tensors "
+            f"Peak MB: {first.peak_kind} above what the measuring process held before loading the model (imports, "
+            "tokenizer, text). Build peak: loading the source weights, quantizing and one warm-up pass (what it takes "
+            "to make the model). Run peak: scoring and decoding with the built model, after the build's freed memory "
+            "went back (what it takes to use it). 'run in: worker' = a fresh process per method, so earlier methods "
+            "cannot inflate them. Weight MB: bytes of the stored tensors "
             "(scales and zeros included), counted before the first forward pass. load s: load and quantize, and one "
             "warm-up forward pass (where backends repack weights for their kernels) before anything is timed."
         )

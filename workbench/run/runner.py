@@ -3,14 +3,14 @@
 - `build(session, choice) -> Built`: parse and check the choice, calibrate, quantize (or
   load), attach a saved adapter when asked, count the storage before any forward pass;
   the model's working folder is removed by `Built.close()`.
-- `measure(session, built) -> Measurements`: one warm-up forward pass (backends repack
-  weights for their kernels there) with the memory it freed handed back, then perplexity,
+- `measure(session, built) -> Measurements`: one warm-up forward pass (`prepare`: backends
+  repack weights for their kernels there) with the memory it freed handed back, then perplexity,
   KL against the full-precision reference in the same pass (`workbench.metrics.divergence`), and
   decode speed.
 
-`evaluate` is the one composition that turns a choice into a `Result` (peak memory around
-both verbs; a method's own failure becomes an error row, never an exception). Where it runs
-is the executors' business (`workbench.run.executors`: in this process, or in a fresh worker
+`evaluate` is the one composition that turns a choice into a `Result` (two peaks: the
+build's, warm-up included, and the run's; a method's own failure becomes an error row, never
+an exception). Where it runs is the executors' business (`workbench.run.executors`: in this process, or in a fresh worker
 process per method, the default). CLI compare, the panels and fine-tuning all go through here.
 """
 
@@ -32,7 +32,7 @@ from workbench.methods import Choice
 from workbench.metrics import divergence, memory, perplexity, speed
 from workbench.run.results import Result
 from workbench.run.session import SEED, SPEED_PROMPT, Session, backend_of, environment  # noqa: F401 (runner.Session)
-from workbench.sources import data
+from workbench.sources import data, hub
 
 # ---------------------------------------------------------------------------- the two verbs
 
@@ -50,6 +50,8 @@ class Built:
     """Counted before any forward pass."""
     details: dict | None = None
     """What the method chose while building (`Method.details`)."""
+    warm_up_s: float | None = None
+    """The warm-up forward pass (`prepare`); None before it."""
 
     def close(self) -> None:
         """Drop the model and its working folder, and give the memory back."""
@@ -135,8 +137,7 @@ def measure(
     itself records its distributions for the other methods (and its own KL, measured: 0)."""
     label = built.choice.label
     prompt = session.speed_prompt()
-    warm_up_s = speed.warm_up(built.model, prompt)  # backends repack weights for their kernels here
-    allocator.release_freed()  # what quantizing and repacking freed goes back to the system before scoring
+    warm_up_s = prepare(session, built)
     log(f"[{label}] measuring perplexity on {len(session.eval_ids)} tokens...")
     kl = _divergence_for(session, built.choice, log)
     start = time.perf_counter()
@@ -160,6 +161,18 @@ def measure(
     shown = f", KL {stats.kl_mean:.4f} nats, top-1 same {100 * stats.top1_agreement:.1f}%" if stats else ""
     log(f"[{label}] perplexity {ppl.ppl:.2f}{shown} in {eval_s:.1f} s")
     return Measurements(ppl, eval_s, decode, warm_up_s, stats)
+
+
+def prepare(session: Session, built: Built) -> float:
+    """The warm-up forward pass, once (backends repack weights for their kernels here), then what
+    quantizing and repacking freed goes back to the system, and the weight files' pages leave
+    the resident set (`allocator.drop_file_pages`); returns the warm-up's seconds."""
+    if built.warm_up_s is None:
+        built.warm_up_s = speed.warm_up(built.model, session.speed_prompt())
+        allocator.release_freed()
+        if session.device == "cpu":  # weights the built model reads again come back, and count, in the run
+            allocator.drop_file_pages([hub.local_folder(session.source), built.workdir])
+    return built.warm_up_s
 
 
 def _divergence_for(session: Session, choice: Choice, log) -> divergence.Divergence | None:
@@ -220,19 +233,20 @@ def evaluate(
         return Evaluated(failed(session, str(choice), str(exc), mode=mode))
     built = None
     try:
-        with (
-            allocator.large_blocks_apart(session.device) as apart,
-            memory.PeakMemory(session.device, mode in ("worker", "ray"), apart) as peak,
-        ):
-            built = build(session, choice, log)
-            measured = measure(session, built, log, progress)
+        allocator.release_freed()  # both peaks count from a baseline without earlier garbage
+        with allocator.large_blocks_apart(session.device) as apart:
+            with memory.PeakMemory(session.device, mode in ("worker", "ray"), apart) as build_peak:
+                built = build(session, choice, log)
+                prepare(session, built)
+            with memory.PeakMemory(session.device, False, apart, build_peak.baseline_bytes) as run_peak:
+                measured = measure(session, built, log, progress)
     except BaseException as exc:
         if built is not None:
             built.close()  # Ctrl-C and SIGTERM too: no working folder is left behind
         if not isinstance(exc, Exception):
             raise
         return Evaluated(failed(session, choice, error_message(exc, choice, log), mode=mode))
-    result = _result(session, built, measured, peak, mode)
+    result = _result(session, built, measured, memory.phase_fields(build_peak, run_peak), mode)
     if keep:
         return Evaluated(result, built)
     built.close()
@@ -249,7 +263,7 @@ def run_method(
     return evaluate(session, choice, log, progress).result
 
 
-def _result(session: Session, built: Built, measured: Measurements, peak: memory.PeakMemory, mode: str) -> Result:
+def _result(session: Session, built: Built, measured: Measurements, peaks: dict, mode: str) -> Result:
     choice = built.choice
     kl_protocol = (
         {
@@ -273,7 +287,7 @@ def _result(session: Session, built: Built, measured: Measurements, peak: memory
         backend=backend_of(choice.method),
         mode=mode,
         **built.storage.result_fields(),
-        **peak.result_fields(),
+        **peaks,
         **measured.result_fields(),
         load_s=built.load_s + measured.warm_up_s,
         kernel=f"{choice.method.kernel}: {built.storage.kernel}",

@@ -85,6 +85,16 @@ def _in_hub_cache(hub_id: str) -> bool:
     return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
 
 
+def local_folder(source: ModelSource) -> Path:
+    """Where the source's files are on this machine: its folder, or the hub cache's folder of
+    that repository (whose snapshot links point into its `blobs`)."""
+    if source.is_local:
+        return Path(source.location)
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + source.location.replace("/", "--"))
+
+
 def hub_source(hub_id: str, token: str | None, trust_remote_code: bool = False) -> ModelSource:
     """Check that a hub id resolves (config only, no weights) before any work starts."""
     from transformers import AutoConfig
