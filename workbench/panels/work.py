@@ -22,7 +22,7 @@ from workbench.core.errors import WorkbenchError
 from workbench.panels._base import FigureArea, Job, Panel, table_html
 from workbench.panels.pickers import MethodPicker, ModelPicker
 from workbench.report import charts
-from workbench.run import compare, results, runner
+from workbench.run import compare, generate, results, runner
 
 
 class QuantizePanel(Panel):
@@ -194,11 +194,11 @@ class GeneratePanel(Panel):
         self.job = Job(self.button, self._work, self._show, cancellable=True)
         self.outputs = widgets.HTML()
         self.widget = widgets.VBox([self.prompt, self.max_tokens, self.job.widget, self.outputs])
-        self.generations: list[runner.Generation] = []
+        self.generations: list[generate.Generation] = []
         self._built: dict[str, runner.Built] = {}
         """Models this panel built, by configuration: the next Generate reuses them."""
 
-    def _work(self, job: Job) -> list[runner.Generation]:
+    def _work(self, job: Job) -> list[generate.Generation]:
         session = self.model_picker.session(EvalConfig(max_tokens=64), job.write)
         choices = self.method_picker.choices()
         wanted = {runner.planned_key(session, runner.as_choice(c)): c for c in choices}
@@ -215,15 +215,17 @@ class GeneratePanel(Panel):
                 try:
                     self._built[key] = runner.build(session, choice, job.write)
                 except WorkbenchError as exc:
-                    done.append(runner.Generation(choice, error=str(exc)))
+                    done.append(generate.Generation(choice, error=str(exc)))
                     continue
                 except Exception as exc:  # a library failed: say so in this method's card, go on with the others
                     done.append(
-                        runner.Generation(choice, error=runner.error_message(exc, runner.as_choice(choice), job.write))
+                        generate.Generation(
+                            choice, error=runner.error_message(exc, runner.as_choice(choice), job.write)
+                        )
                     )
                     continue
             done.append(
-                runner.generate_with(session, self._built[key], self.prompt.value, self.max_tokens.value, job.write)
+                generate.generate_with(session, self._built[key], self.prompt.value, self.max_tokens.value, job.write)
             )
         return done
 
@@ -233,7 +235,7 @@ class GeneratePanel(Panel):
             built.close()
         self._built = {}
 
-    def _show(self, generations: list[runner.Generation]) -> None:
+    def _show(self, generations: list[generate.Generation]) -> None:
         self.generations = generations
         cards = []
         for g in generations:
