@@ -41,13 +41,13 @@ def _returned_mb(mode: str) -> tuple[float, float]:
     return by_free, by_release
 
 
-@pytest.mark.skipif(allocator._glibc() is None, reason="glibc only")
+@pytest.mark.skipif(allocator.glibc() is None, reason="glibc only")
 def test_release_freed_hands_freed_heap_memory_back():
     returned_by_free, returned_by_release = _returned_mb("heap")
     assert returned_by_free < 20 and returned_by_release > 100  # 40 x 3 MB freed
 
 
-@pytest.mark.skipif(allocator._glibc() is None, reason="glibc only")
+@pytest.mark.skipif(allocator.glibc() is None, reason="glibc only")
 def test_large_blocks_mapped_apart_go_back_when_freed():
     returned_by_free, _ = _returned_mb("apart")
     assert returned_by_free > 100  # the same 40 x 3 MB, each its own mapping, unmapped by free

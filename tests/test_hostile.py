@@ -795,7 +795,7 @@ def test_a_stopped_run_keeps_what_finished_and_removes_its_temporary_folders(
     history = out / "history.jsonl"
     _wait_for(lambda: history.is_file() and history.read_text().strip())
     # the hanging method is inside its build: its working folder exists (in a worker: inside the worker's scratch)
-    _wait_for(lambda: any(not p.name.startswith("workbench-worker-") for p in _workdirs(tmp_path / "tmp")))
+    _wait_for(lambda: any(p.name.startswith("workbench-build-") for p in _workdirs(tmp_path / "tmp")))
     for _ in range(signals):
         cli.send_signal(sig)
         time.sleep(0.05)  # the second lands while the first one's cleanup runs (workers stopping: seconds)
@@ -807,6 +807,38 @@ def test_a_stopped_run_keeps_what_finished_and_removes_its_temporary_folders(
     assert [r.method for r in assert_history_extended(b"", history)] == ["fp32"]
     assert _workdirs(tmp_path / "tmp") == []
     assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_after_a_kill_9_no_worker_goes_on_and_the_next_run_removes_every_folder_left(
+    tmp_path, tiny_folder, monkeypatch
+):
+    """multiprocessing's own folder (pymp-*) now lives inside a workbench-mp-<pid>-* folder, and a
+    worker ends with the run that started it (Linux: it used to quantize on for nobody)."""
+    import psutil
+
+    from workbench.core import files
+
+    hang = "test-hang:seconds=1800"  # longer than the wait below: a worker that went on would fail it
+    argv = ["compare", "--model", tiny_folder, "--methods", hang, "--out", tmp_path / "out", *FAST[:-1]]
+    cli = _cli(tmp_path, argv)
+    tmp = tmp_path / "tmp"
+    _wait_for(lambda: any(p.name.startswith("workbench-build-") for p in _workdirs(tmp)))  # in the hang
+    cli.kill()
+    cli.wait(900)
+
+    def left_running():
+        running = []
+        for process in psutil.process_iter():
+            try:
+                running += [process.pid] if str(tmp) in process.cwd() else []
+            except psutil.Error:
+                continue
+        return running
+
+    _wait_for(lambda: not left_running())
+    assert sorted(p.name.split("-")[1] for p in tmp.iterdir()) == ["mp", "worker"]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    assert files.remove_stale_folders() == 2 and list(tmp.iterdir()) == []
 
 
 def test_a_temporary_folder_too_deep_for_the_fork_servers_socket_still_runs_workers(tmp_path, tiny_folder):

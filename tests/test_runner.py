@@ -240,7 +240,7 @@ def test_nan_perplexity_is_an_error_row(custom, tiny_session, recorded_reference
 
 def test_worker_rows_report_their_own_peak_above_the_baseline(tiny_session):
     (row,) = _compare(tiny_session, ["fp32"], workers.WorkerProcesses())
-    apart = "" if allocator._glibc() is None else " (blocks of 2 MiB and more mapped apart)"
+    apart = "" if allocator.glibc() is None else " (blocks of 2 MiB and more mapped apart)"
     assert row.mode == "worker" and row.peak_kind == f"peak RSS{apart}"  # the table's footnote says so
     assert row.weight_bytes <= row.peak_above_baseline_bytes < row.peak_bytes  # holds the model, not the imports
     assert row.weight_bytes <= row.run_peak_bytes  # using the model holds its weights

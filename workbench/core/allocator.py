@@ -35,7 +35,8 @@ import platform
 from pathlib import Path
 
 
-def _glibc():
+def glibc():
+    """The C library when it is glibc on Linux, else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -57,7 +58,7 @@ def large_blocks_apart(device: str):
     and unmapped when freed (a fixed M_MMAP_THRESHOLD, which also stops glibc from raising
     it); afterwards the threshold is GLIBC_CEILING_BYTES. Yields whether this is in effect:
     not on GPU (its peak is CUDA's count), not without glibc."""
-    libc = _glibc() if device == "cpu" else None
+    libc = glibc() if device == "cpu" else None
     apart = bool(libc and libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) == 1)
     try:
         yield apart
@@ -70,7 +71,7 @@ def share_one_heap() -> bool:
     """Threads share the main heap from now on (M_ARENA_MAX 1), for a process that measures
     one method and exits: a quantizer's thread pool otherwise leaves holes in heaps of its
     own. False where the C library is not glibc."""
-    libc = _glibc()
+    libc = glibc()
     return bool(libc and libc.mallopt(M_ARENA_MAX, 1) == 1)
 
 
@@ -78,7 +79,7 @@ def release_freed() -> bool:
     """Collect garbage and return the heap's free memory to the system (`malloc_trim`, every
     arena). False where the C library is not glibc."""
     gc.collect()
-    libc = _glibc()
+    libc = glibc()
     return bool(libc and libc.malloc_trim(0) in (0, 1))
 
 
@@ -91,7 +92,7 @@ def drop_file_pages(folders) -> int:
     maps files copy-on-write, so a mapping with any written page is left alone); returns the
     bytes of the mappings. What is dropped is read again from the file (usually from the page
     cache) when it is next touched. 0 elsewhere."""
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return 0
     files = {str(f.resolve()) for folder in folders if Path(folder).is_dir() for f in Path(folder).rglob("*")}

@@ -204,12 +204,31 @@ def _worker_context():
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return get_context("spawn")
-    socket = os.path.join(util.get_temp_dir(), "listener-xxxxxxxx")  # how multiprocessing names it
+    socket = os.path.join(_multiprocessing_folder(util), "listener-xxxxxxxx")  # how multiprocessing names it
     if len(os.fsencode(socket)) > SOCKET_PATH_LIMIT:
         return get_context("spawn")
     context = get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
     return context
+
+
+def _multiprocessing_folder(util) -> str:
+    """multiprocessing's temporary folder (`pymp-*`, where the fork server's socket lives), made
+    inside a `workbench-mp-<pid>-*` folder: after a kill -9 the next run removes it with this
+    process's other folders (`files.remove_stale_folders`); at a normal exit multiprocessing
+    removes its folder first, then this one goes. One made earlier (by the caller's own use of
+    multiprocessing) is left where it is."""
+    ours = files.scratch_folder("mp")
+    previous, tempfile.tempdir = tempfile.tempdir, str(ours)
+    try:
+        folder = util.get_temp_dir()
+    finally:
+        tempfile.tempdir = previous
+    if Path(folder).parent == ours:
+        util.Finalize(None, shutil.rmtree, args=(str(ours),), kwargs={"ignore_errors": True}, exitpriority=-101)
+    else:
+        shutil.rmtree(ours, ignore_errors=True)
+    return folder
 
 
 _fork_server_output = None
@@ -249,6 +268,7 @@ def _last_words(task: _Task) -> str:
 def _worker_main(conn, source, device, eval_cfg, choice_text, adapter, method_module, scratch, threads) -> None:
     """A worker's whole life: imports, session, one evaluate, send the result, exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends this process
+    _end_with_parent()
     os.chdir(scratch)
     # Every temporary folder of this worker (the method's workdir, libraries' own) goes inside the
     # scratch folder, which the parent removes however the worker ends (killed, timed out, Ctrl-C).
@@ -263,6 +283,19 @@ def _worker_main(conn, source, device, eval_cfg, choice_text, adapter, method_mo
             traceback.print_exc()  # into the library log, whose last line the parent reports
             raise SystemExit(1) from None
     os._exit(0)  # the result is sent: skip the interpreter's teardown (seconds of freeing tensors one by one)
+
+
+def _end_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the process that started it ends (the fork server,
+    which ends with the run): after a kill -9 of `compare` no worker quantizes on for nobody."""
+    from workbench.core import allocator
+
+    libc = allocator.glibc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1  # Linux's prctl option number
 
 
 def _name_who_terminates() -> None:
