@@ -110,7 +110,7 @@ def _unchanged_mappings(files: set[str]) -> list[tuple[int, int]]:
     with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
         for line in smaps:
             fields = line.split(maxsplit=5)
-            if "-" in fields[0] and len(fields) >= 5 and fields[0][0] in "0123456789abcdef":
+            if not fields[0].endswith(":"):  # a mapping's header: range, perms, offset, device, inode[, path]
                 current = fields[0] if len(fields) == 6 and fields[5].strip() in files else None
             elif current and fields[0] == "Anonymous:":
                 if fields[1] == "0":
