@@ -150,9 +150,15 @@ class Method:
     """`params -> (weight -> dequantized weight)`, by the backend's own arithmetic, for methods
     whose quantization of one weight can be reproduced alone: what a sensitivity map quantizes
     each cell with (None: no map; GPTQ's error correction needs the layers around it)."""
-    details: Callable[[Path], dict] | None = None
-    """What the method chose while building, read from its working folder (`mixed`: the bits of
-    each layer); kept with the result, shown by `compare --details` and in the report."""
+    details: Callable[[Path, dict], dict] | None = None
+    """`(workdir, params) -> dict`: what the method chose while building, read from its working
+    folder (`mixed`: the bits of each layer; `gguf`: the types llama.cpp wrote); kept with the
+    result, shown by `compare --details` and in the report."""
+    file_storage: Callable[[Path, dict], Any] | None = None
+    """`(workdir, params) -> memory.Storage` read from the file the method wrote, for methods whose
+    model in memory is not what they store (`gguf`: llama.cpp's runtime, or dequantized weights)."""
+    bits_of: Callable[[dict], int] | None = None
+    """Nominal bits from the parameters when they have no `bits` (`gguf`: from the file type)."""
 
     @property
     def serializable(self) -> bool:
@@ -176,6 +182,8 @@ class Method:
         return {name: p.check(self.name, overrides.get(name, p.default)) for name, p in known.items()}
 
     def bits_for(self, params: dict) -> int:
+        if self.bits_of is not None:
+            return int(self.bits_of(params))
         return int(params.get("bits", self.bits))
 
     def storage_bits(self, params: dict, device: str) -> tuple[float, float]:

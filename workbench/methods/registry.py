@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from workbench.core.errors import WorkbenchError
-from workbench.methods import awq, baseline, bnb, gptq, hqq, mixed, quanto, torchao
+from workbench.methods import awq, baseline, bnb, gguf, gptq, hqq, mixed, quanto, torchao
 from workbench.methods.base import Choice, Method
 
-FAMILIES = (baseline, bnb, gptq, awq, quanto, hqq, torchao, mixed)
+FAMILIES = (baseline, bnb, gptq, awq, quanto, hqq, torchao, mixed, gguf)
 
 REGISTRY: dict[str, Method] = {}
 

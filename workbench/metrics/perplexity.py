@@ -189,6 +189,7 @@ def perplexity(
 
     bos = bos_token_id is not None
     spans, step = windows(len(token_ids), max_length, stride, bos)
+    batch_size = min(batch_size, getattr(model, "scoring_batch", batch_size))  # llama.cpp: one window at a time
     device = next(model.parameters()).device
     total, n_scored, done = 0.0, 0, 0
     for batch in _equal_length_batches(spans, batch_size):

@@ -108,6 +108,8 @@ def decode_speed(model, prompt_ids: list[int], new_tokens: int, pad_token_id: in
         first, last = arrivals.times[0], arrivals.times[-1]
         return first - start, last - first
 
+    if hasattr(model, "timed_greedy"):  # a runtime outside torch (llama.cpp) times its own decoding
+        run = lambda n: model.timed_greedy(prompt_ids, n)  # noqa: E731
     run(2)  # warm-up: first calls build kernels and caches
     prefill, decode = [], []
     while len(decode) < MAX_DECODE_REPEATS and (len(decode) < MIN_DECODE_REPEATS or sum(decode) < MIN_DECODE_SECONDS):

@@ -97,8 +97,11 @@ def build(session: Session, choice: Choice | str, log: Callable[[str], None] = p
 
             model = PeftModel.from_pretrained(model, choice.adapter).eval()
         load_s = time.perf_counter() - start
-        storage = memory.storage(model, method.side_tensors)
-        details = method.details(workdir) if method.details else None
+        if method.file_storage:
+            storage = method.file_storage(workdir, choice.params)
+        else:
+            storage = memory.storage(model, method.side_tensors)
+        details = method.details(workdir, choice.params) if method.details else None
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise

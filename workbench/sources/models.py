@@ -30,14 +30,15 @@ def resolve(name: str, token: str | None = None, log=print, trust_remote_code: b
     `trust_remote_code` (`remote_code.check`)."""
     name = name.strip()
     if name in BUNDLED_NAMES:
-        folder = gguf_to_folder(bundled_gguf(), cache_dir() / "smollm2-135m-instruct-fp32", log)
-        return ModelSource("smollm2-135m", str(folder), BUNDLED_NOTE)
+        gguf = bundled_gguf()
+        folder = gguf_to_folder(gguf, cache_dir() / "smollm2-135m-instruct-fp32", log)
+        return ModelSource("smollm2-135m", str(folder), BUNDLED_NOTE, gguf=str(gguf))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
             raise WorkbenchError(f"model {name!r}: no such .gguf file.")
         folder = gguf_to_folder(path, gguf_cache_folder(path), log)
-        return ModelSource(path.stem, str(folder), f"{path.name} dequantized to fp32")
+        return ModelSource(path.stem, str(folder), f"{path.name} dequantized to fp32", gguf=str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise WorkbenchError(

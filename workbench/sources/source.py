@@ -17,6 +17,9 @@ class ModelSource:
     token: str | None = field(default=None, repr=False, compare=False)
     trust_remote_code: bool = False
     """Let loaders run Python code shipped with the model (its `auto_map`); see `workbench.sources.remote_code`."""
+    gguf: str = ""
+    """The .gguf file these weights were dequantized from ('' when they were not): what an F32 GGUF
+    for llama.cpp is rewritten from (`workbench.sources.gguf_f32`)."""
 
     @property
     def is_local(self) -> bool:

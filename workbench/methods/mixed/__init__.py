@@ -154,7 +154,7 @@ def _write_plan(chosen: mixed.Plan, smap, params: dict, workdir, log) -> None:
 PLAN_FILE = "mixed_plan.json"
 
 
-def _details(workdir) -> dict:
+def _details(workdir, params) -> dict:
     """The chosen plan, for the result: one summary line, the stored bits and each layer's bits."""
     record = json.loads((workdir / PLAN_FILE).read_text(encoding="utf-8"))
     return {

@@ -1,0 +1,123 @@
+"""GGUF: llama.cpp's own file types (Q8_0 ... Q2_K, IQ4_XS), quantized by llama.cpp's quantizer.
+
+The model's F32 GGUF (`workbench.sources.gguf_f32`) is quantized with `llama_model_quantize` in
+the build's working folder, then measured on the same windows as every other row, in one of two
+runtimes:
+- `runtime=llama.cpp` (default): the file in llama.cpp's runtime, where GGUF files are deployed
+  (llama.cpp also rounds activations to 8 bits in its dot products); speed and memory are
+  llama.cpp's.
+- `runtime=torch`: the file's weights dequantized into the transformers model, so the number shows
+  the effect of the stored weights alone, like every other method's row.
+Bytes and bits per weight are read from the written file, and so is the mix of types llama.cpp
+really chose (`compare --details`).
+"""
+
+from __future__ import annotations
+
+from workbench.methods.base import Method, Param, compute_bits
+from workbench.methods.gguf import stored
+
+FILE_TYPES = {
+    # llama.cpp's `llama_ftype` value, nominal bits, and bits per weight of the file type's main type.
+    "F32": (0, 32, 32.0),  # no quantization: checks that llama.cpp scores like the fp32 reference
+    "Q8_0": (7, 8, 8.5),
+    "Q6_K": (18, 6, 6.5625),
+    "Q5_K_M": (17, 5, 5.5),
+    "Q4_K_M": (15, 4, 4.85),
+    "Q4_0": (2, 4, 4.5),
+    "Q3_K_M": (12, 3, 3.9),
+    "Q2_K": (10, 2, 2.6),
+    "IQ4_XS": (30, 4, 4.25),
+}
+RUNTIMES = ("llama.cpp", "torch")
+PIP = "pip install cyllama==0.2.18"
+
+
+def _file(workdir, params):
+    return workdir / f"model-{params['type']}.gguf"
+
+
+def _kernel(params) -> str:
+    if params["runtime"] == "llama.cpp":
+        from workbench.methods.gguf.llama_cpp import RELEASE
+
+        return f"{params['type']} in {RELEASE}"
+    return f"{params['type']} dequantized into torch fp32"
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()  # the thread count every other row runs with
+
+
+def _quantize(request):
+    from workbench.methods.gguf import llama_cpp
+    from workbench.sources import gguf_f32
+
+    params = request.params
+    source = gguf_f32.f32_gguf(request.source, request.log)
+    out = _file(request.workdir, params)
+    request.log(f"[gguf] llama.cpp quantizes {source.name} to {params['type']}...")
+    llama_cpp.quantize_file(source, out, FILE_TYPES[params["type"]][0], _threads())
+    if params["runtime"] == "llama.cpp":
+        return llama_cpp.LlamaCppModel(out, _threads())
+    return _dequantized(request.source, out)
+
+
+def _dequantized(source, path):
+    """The transformers model with every weight replaced by the file's, dequantized by transformers'
+    GGUF reader (which also undoes llama.cpp's reordering of the query and key rows)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from workbench.sources import models
+
+    model = models.load_model(source, "cpu")
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        from workbench.core.errors import WorkbenchError
+
+        raise WorkbenchError(
+            f"gguf: the file's tensors do not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {unexpected[:3]})."
+        )
+    return model.eval()
+
+
+def _storage(method, params, device):
+    """The file type's main type; tensors that llama.cpp keeps in other types move the real size."""
+    return FILE_TYPES[params["type"]][2], compute_bits(device)
+
+
+METHODS = (
+    Method(
+        name="gguf",
+        family="gguf",
+        bits=4,
+        bits_of=lambda params: FILE_TYPES[params["type"]][1],
+        summary="llama.cpp's file types (Q8_0 ... Q2_K, IQ4_XS) by llama.cpp's own quantizer, run in llama.cpp.",
+        params=(
+            Param("type", "Q4_K_M", "llama.cpp file type.", tuple(FILE_TYPES)),
+            Param("runtime", "llama.cpp", "Measure in llama.cpp, or dequantized into the torch model.", RUNTIMES),
+        ),
+        quantize=_quantize,
+        devices=("cpu",),
+        backend="cyllama",
+        pip=PIP,
+        kernel="GGUF",
+        storage=_storage,
+        storage_note="llama.cpp keeps some tensors in other types (more bits for some layers, fallbacks for rows "
+        "that do not fit a type's blocks): the file's real mix is in the details",
+        file_storage=lambda workdir, params: stored.storage(_file(workdir, params), _kernel(params)),
+        details=lambda workdir, params: stored.details(_file(workdir, params), params["type"]),
+        limits=(
+            "Starts from a .gguf model (the bundled model or your own .gguf file); a transformers folder must be "
+            "converted with llama.cpp's convert_hf_to_gguf.py first.",
+            "CPU only: cyllama's wheel is llama.cpp built for CPUs.",
+            "Small models: k-quant and IQ types need rows that are a multiple of 256 weights; llama.cpp stores "
+            "other tensors in fallback types, which the details show.",
+        ),
+    ),
+)
