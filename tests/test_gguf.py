@@ -86,3 +86,48 @@ def test_a_transformers_folder_is_refused_with_what_to_do(tiny_session):
 def test_an_unknown_file_type_is_refused_before_any_work():
     with pytest.raises(WorkbenchError, match="choose one of F32, Q8_0"):
         methods.parse("gguf:type=Q3")
+
+
+EXPORT = ["--model", "bundled", "--max-tokens", "256", "--decode-tokens", "0"]
+
+
+def test_export_writes_the_file_its_row_was_measured_on(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from workbench.cli import main
+    from workbench.methods.gguf.llama_cpp import LlamaCppModel
+    from workbench.metrics import perplexity
+
+    out = tmp_path / "deploy"
+    assert main(["export", *EXPORT, "--method", "gguf:type=Q4_0", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "results.json", "smollm2-135m-Q4_0.gguf"]
+    assert "FROM ./smollm2-135m-Q4_0.gguf" in (out / "Modelfile").read_text().splitlines()
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["method"] == "gguf" and row["params"]["type"] == "Q4_0" and row["kl_mean"] > 0
+    # The copied file, scored again on the same windows, gives the row's perplexity.
+    session = runner.Session.open(ModelSpec("bundled", device="cpu"), EvalConfig(max_tokens=256, decode_tokens=0))
+    again = perplexity.perplexity(
+        LlamaCppModel(out / "smollm2-135m-Q4_0.gguf", torch.get_num_threads()),
+        session.eval_ids,
+        session.eval.max_length,
+        session.eval.stride,
+        bos_token_id=session.bos_id,
+    )
+    assert again.ppl == pytest.approx(row["ppl"], rel=1e-6)
+    assert "Wrote" in capsys.readouterr().out
+
+
+def test_export_replaces_nothing_and_refuses_methods_without_a_file(tmp_path, capsys):
+    from workbench.cli import main
+
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "Modelfile").write_text("mine")
+    assert main(["export", *EXPORT, "--method", "gguf:type=Q8_0", "--out", str(out)]) == 2
+    assert "already holds Modelfile" in capsys.readouterr().err
+    assert (out / "Modelfile").read_text() == "mine" and len(list(out.iterdir())) == 1
+    assert main(["export", *EXPORT, "--method", "rtn", "--out", str(tmp_path / "other")]) == 2
+    assert "rtn: cannot be exported as a file; methods that can: gguf" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

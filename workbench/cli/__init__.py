@@ -4,6 +4,7 @@
     compare  --model M --methods a,b,...   quantize, measure, write results/ (JSON, CSV, HTML)
     sweep    --model M --grid G [--grid G]  grids of settings, with the Pareto front (--executor ray: a cluster)
     estimate --model M [--json]            will it fit? from the config alone
+    export   --model M --method gguf:... --out DIR   the .gguf, an Ollama Modelfile and its measured row
 
 Progress goes to stderr, the table to stdout. Expected problems print one line
 starting with "error:" and exit with status 2; `compare` and `sweep` exit non-zero only
@@ -30,6 +31,7 @@ from workbench.cli.compare import (  # noqa: F401 (DEFAULT_METHODS)
     log,
     sweep_command,
 )
+from workbench.cli.export import add_export_parser
 from workbench.cli.sensitivity import add_sensitivity_parser
 from workbench.core.errors import WorkbenchError
 
@@ -131,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     est.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     est.set_defaults(run=_estimate)
     add_sensitivity_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

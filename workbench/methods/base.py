@@ -157,6 +157,9 @@ class Method:
     file_storage: Callable[[Path, dict], Any] | None = None
     """`(workdir, params) -> memory.Storage` read from the file the method wrote, for methods whose
     model in memory is not what they store (`gguf`: llama.cpp's runtime, or dequantized weights)."""
+    exports: Callable[[Path, dict], list[Path]] | None = None
+    """`(workdir, params) -> files`: what makes the built model usable outside the workbench, for
+    `python -m workbench export` (`gguf`: the .gguf file); None: cannot be exported."""
     bits_of: Callable[[dict], int] | None = None
     """Nominal bits from the parameters when they have no `bits` (`gguf`: from the file type)."""
 

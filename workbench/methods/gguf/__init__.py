@@ -34,7 +34,7 @@ PIP = "pip install cyllama==0.2.18"
 
 
 def _file(workdir, params):
-    return workdir / f"model-{params['type']}.gguf"
+    return workdir / f"{params['type']}.gguf"
 
 
 def _kernel(params) -> str:
@@ -111,6 +111,7 @@ METHODS = (
         storage_note="llama.cpp keeps some tensors in other types (more bits for some layers, fallbacks for rows "
         "that do not fit a type's blocks): the file's real mix is in the details",
         file_storage=lambda workdir, params: stored.storage(_file(workdir, params), _kernel(params)),
+        exports=lambda workdir, params: [_file(workdir, params)],
         details=lambda workdir, params: stored.details(_file(workdir, params), params["type"]),
         limits=(
             "Starts from a .gguf model (the bundled model or your own .gguf file); a transformers folder must be "
