@@ -186,6 +186,9 @@ def test_tiny_pipeline_reloads_merges_and_deploys(tmp_path, tiny_source, tiny_se
     merge = ft.merge_to_dequantized(tiny_source, report.adapter_dir, trained=run.model, log=lambda _: None)
     assert merge.merged_loss == pytest.approx(merge.unmerged_loss, rel=ft.MERGE_RTOL)
     assert json.loads(Path(merge.merged_dir, "config.json").read_text())["dtype"] == "float16"
+    record = json.loads(Path(merge.merged_dir, ft.MERGED_FROM_FILE).read_text())
+    # The base model is recorded (a .gguf base is the template of the merged folder's GGUF; this one has none).
+    assert record["model"] == {"label": tiny_source.label, "location": tiny_source.location, "gguf": ""}
     rows = ft.deploy_compare(tiny_session, merge.merged_dir, methods=("rtn",), log=lambda _: None)
     # a comparison measures its full-precision reference first unless its distributions are recorded (KL)
     rows = [r for r in rows if r.method != "fp32"]

@@ -24,6 +24,7 @@ CHOICES = [
     "gguf:type=Q8_0",
     "gguf:type=Q8_0:runtime=torch",
     "gguf:type=Q4_K_M",
+    "gguf-imat:type=Q4_K_M",
     "gguf:type=Q2_K",
 ]
 
@@ -76,6 +77,50 @@ def test_llama_cpp_rows_time_decoding_in_llama_cpp(rows):
     row = rows["gguf:type=Q4_K_M"]
     assert row.decode_tokens_per_s > 0 and row.prefill_ms > 0 and row.decode_repeats >= 3
     assert row.bits == 4 and rows["gguf:type=Q2_K"].bits == 2
+
+
+def test_an_importance_matrix_lowers_the_loss_at_the_same_bytes_and_types(rows):
+    plain, weighted = rows["gguf:type=Q4_K_M"], rows["gguf-imat:type=Q4_K_M"]
+    # Same tensors in the same types: only the values ggml's quantizer picked differ.
+    assert weighted.weight_bytes == plain.weight_bytes and weighted.details["type_mix"] == plain.details["type_mix"]
+    assert weighted.kl_mean < plain.kl_mean and weighted.ppl < plain.ppl
+
+
+def test_ggml_writes_llama_cpp_s_own_file_byte_for_byte(tmp_path, bundled_source):
+    """Without an importance matrix and with llama.cpp's types, ggml's quantizer (libggml-python)
+    reproduces llama.cpp's file exactly: the importance matrix is the only thing gguf-imat changes."""
+    from workbench.methods.gguf import llama_cpp, retype
+    from workbench.sources import gguf_f32
+
+    f32 = gguf_f32.f32_gguf(bundled_source, log=lambda m: None)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    llama_cpp.quantize_file(f32, theirs, 15, 2)  # Q4_K_M: Q4_K, Q5_0, Q6_K and Q8_0 tensors
+    retype.write(theirs, f32, ours, log=lambda m: None)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_the_importance_matrix_is_saved_as_llama_cpp_reads_it(tmp_path, bundled_source):
+    import numpy as np
+    from gguf import GGUFReader
+
+    from workbench.methods.gguf import imatrix
+    from workbench.sources import models
+
+    model = models.load_model(bundled_source, "cpu")
+    blocks = [list(range(100, 164)), list(range(200, 264))]
+    collected = imatrix.collect(model, blocks, "calibration.txt", log=lambda m: None)
+    imatrix.save(collected, tmp_path / "imatrix.gguf")
+    reader = GGUFReader(tmp_path / "imatrix.gguf")
+    assert reader.fields["general.type"].contents() == "imatrix"
+    assert reader.fields["imatrix.chunk_count"].contents() == 2 and reader.fields["imatrix.chunk_size"].contents() == 64
+    tensors = {t.name: np.asarray(t.data).reshape(-1) for t in reader.tensors}
+    layers = model.config.num_hidden_layers
+    assert len(tensors) == 2 * 7 * layers  # q, k, v, o, gate, up, down of every block: sums and counts
+    assert tensors["blk.0.ffn_down.weight.counts"].tolist() == [128.0]
+    down = tensors["blk.0.ffn_down.weight.in_sum2"]
+    assert down.shape == (model.config.intermediate_size,) and (down >= 0).all() and down.sum() > 0
+    # The same input feeds q, k and v: the same squared activations.
+    assert np.allclose(tensors["blk.0.attn_q.weight.in_sum2"], tensors["blk.0.attn_k.weight.in_sum2"])
 
 
 def test_a_transformers_folder_is_refused_with_what_to_do(tiny_session):

@@ -16,7 +16,11 @@ from pathlib import Path
 def add_export_parser(sub) -> None:
     """Register the `export` subcommand on the CLI's subparsers."""
     cmd = sub.add_parser("export", help="quantize, measure and write the file for llama.cpp / Ollama (gguf methods)")
-    cmd.add_argument("--model", default="bundled", help="short name (bundled) or .gguf file")
+    cmd.add_argument(
+        "--model",
+        default="bundled",
+        help="short name (bundled), .gguf file, or a fine-tune merged by the workbench from one (its folder)",
+    )
     cmd.add_argument("--method", required=True, help="e.g. gguf:type=Q4_K_M (methods that can be exported: gguf)")
     cmd.add_argument("--out", required=True, help="an empty or new folder: nothing in it is replaced")
     cmd.add_argument(

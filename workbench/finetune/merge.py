@@ -25,8 +25,8 @@ from workbench.finetune.data import encode
 from workbench.finetune.train import heldout_loss, prepare_base
 from workbench.sources import data as texts
 from workbench.sources import models
+from workbench.sources.gguf_from_hf import MERGED_FROM_FILE, merged_from_record
 
-MERGED_FROM_FILE = "workbench_merged_from.json"
 RELOAD_RTOL = 1e-4
 """A reloaded adapter on a freshly quantized base must give the same held-out loss: bnb's
 quantization is deterministic, so only float summation order may differ."""
@@ -155,7 +155,7 @@ def merge_to_dequantized(
     merged.to(torch.float16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / MERGED_FROM_FILE).write_text(
-        json.dumps({"adapter_dir": str(Path(adapter_dir).resolve()), "base": config.base}), encoding="utf-8"
+        json.dumps(merged_from_record(source, adapter_dir, config.base)), encoding="utf-8"
     )
     log(
         f"[merge] held-out loss: {config.base}+adapter {adapter_loss:.4f}, merged fp {merged_loss:.4f} (base gap {gap:.4f}); saved fp16 to {out}"

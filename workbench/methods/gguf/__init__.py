@@ -10,12 +10,17 @@ runtimes:
   the effect of the stored weights alone, like every other method's row.
 Bytes and bits per weight are read from the written file, and so is the mix of types llama.cpp
 really chose (`compare --details`).
+
+`gguf-imat` is llama-quantize with `--imatrix`: the same file type, each tensor in the type
+llama.cpp chose for it, but quantized again by ggml's quantizer weighted by an importance matrix
+from the calibration blocks (`imatrix`, `retype`); cyllama 0.2.18 cannot pass one to llama.cpp.
 """
 
 from __future__ import annotations
 
 from workbench.methods.base import Method, Param, compute_bits
 from workbench.methods.gguf import stored
+from workbench.methods.gptq import BLOCK_TOKENS, SAMPLES
 
 FILE_TYPES = {
     # llama.cpp's `llama_ftype` value, nominal bits, and bits per weight of the file type's main type.
@@ -31,10 +36,16 @@ FILE_TYPES = {
 }
 RUNTIMES = ("llama.cpp", "torch")
 PIP = "pip install cyllama==0.2.18"
+PIP_GGML = f"{PIP} libggml-python==0.20.2.post1"
+IMATRIX_FILE = "imatrix.gguf"
 
 
 def _file(workdir, params):
     return workdir / f"{params['type']}.gguf"
+
+
+def _imat_file(workdir, params):
+    return workdir / f"{params['type']}-imat.gguf"
 
 
 def _kernel(params) -> str:
@@ -51,18 +62,54 @@ def _threads() -> int:
     return torch.get_num_threads()  # the thread count every other row runs with
 
 
-def _quantize(request):
+def _llama_cpp_file(request, file_type: str):
+    """The model quantized to `file_type` by llama.cpp, with its own per-tensor type rules."""
     from workbench.methods.gguf import llama_cpp
     from workbench.sources import gguf_f32
 
-    params = request.params
     source = gguf_f32.f32_gguf(request.source, request.log)
-    out = _file(request.workdir, params)
-    request.log(f"[gguf] llama.cpp quantizes {source.name} to {params['type']}...")
-    llama_cpp.quantize_file(source, out, FILE_TYPES[params["type"]][0], _threads())
-    if params["runtime"] == "llama.cpp":
-        return llama_cpp.LlamaCppModel(out, _threads())
-    return _dequantized(request.source, out)
+    out = _file(request.workdir, {"type": file_type})
+    request.log(f"[gguf] llama.cpp quantizes {source.name} to {file_type}...")
+    llama_cpp.quantize_file(source, out, FILE_TYPES[file_type][0], _threads())
+    return source, out
+
+
+def _load(request, path):
+    if request.params["runtime"] == "llama.cpp":
+        from workbench.methods.gguf import llama_cpp
+
+        return llama_cpp.LlamaCppModel(path, _threads())
+    return _dequantized(request.source, path)
+
+
+def _quantize(request):
+    return _load(request, _llama_cpp_file(request, request.params["type"])[1])
+
+
+def importance(request):
+    """The importance matrix of the calibration blocks, saved beside the file as llama.cpp's imatrix GGUF."""
+    from workbench.methods.gguf import imatrix
+    from workbench.sources import data, models
+
+    request.log(f"[gguf] importance matrix from {len(request.calibration)} calibration blocks...")
+    model = models.load_model(request.source, "cpu")
+    collected = imatrix.collect(model, request.calibration, data.builtin_calibration_text().name, request.log)
+    del model
+    imatrix.save(collected, request.workdir / IMATRIX_FILE)
+    return collected
+
+
+def _quantize_with_importance(request):
+    """llama.cpp's file for the type gives the metadata and each tensor's type; ggml's quantizer
+    then quantizes every tensor again, weighted by the importance matrix."""
+    from workbench.methods.gguf import retype
+
+    source, template = _llama_cpp_file(request, request.params["type"])
+    weights = importance(request)
+    out = _imat_file(request.workdir, request.params)
+    retype.write(template, source, out, importance=weights, log=request.log)
+    template.unlink()
+    return _load(request, out)
 
 
 def _dequantized(source, path):
@@ -91,34 +138,61 @@ def _storage(method, params, device):
     return FILE_TYPES[params["type"]][2], compute_bits(device)
 
 
-METHODS = (
-    Method(
-        name="gguf",
+TYPE = Param("type", "Q4_K_M", "llama.cpp file type.", tuple(FILE_TYPES))
+RUNTIME = Param("runtime", "llama.cpp", "Measure in llama.cpp, or dequantized into the torch model.", RUNTIMES)
+STORAGE_NOTE = (
+    "llama.cpp keeps some tensors in other types (more bits for some layers, fallbacks for rows that do not "
+    "fit a type's blocks): the file's real mix is in the details"
+)
+LIMITS = (
+    "Starts from a .gguf model (the bundled model or your own .gguf file), or a fine-tune merged by the "
+    "workbench from one; another transformers folder must be converted with llama.cpp's convert_hf_to_gguf.py first.",
+    "CPU only: cyllama's wheel is llama.cpp built for CPUs.",
+    "Small models: k-quant and IQ types need rows that are a multiple of 256 weights; llama.cpp stores "
+    "other tensors in fallback types, which the details show.",
+)
+
+
+def _file_method(name: str, summary: str, quantize, file, params=(), **extra) -> Method:
+    """A method whose build is one GGUF file in its working folder, measured like any row."""
+    return Method(
+        name=name,
         family="gguf",
         bits=4,
         bits_of=lambda params: FILE_TYPES[params["type"]][1],
-        summary="llama.cpp's file types (Q8_0 ... Q2_K, IQ4_XS) by llama.cpp's own quantizer, run in llama.cpp.",
-        params=(
-            Param("type", "Q4_K_M", "llama.cpp file type.", tuple(FILE_TYPES)),
-            Param("runtime", "llama.cpp", "Measure in llama.cpp, or dequantized into the torch model.", RUNTIMES),
-        ),
-        quantize=_quantize,
+        summary=summary,
+        params=(TYPE, RUNTIME, *params),
+        quantize=quantize,
         devices=("cpu",),
-        backend="cyllama",
-        pip=PIP,
         kernel="GGUF",
         storage=_storage,
-        storage_note="llama.cpp keeps some tensors in other types (more bits for some layers, fallbacks for rows "
-        "that do not fit a type's blocks): the file's real mix is in the details",
-        file_storage=lambda workdir, params: stored.storage(_file(workdir, params), _kernel(params)),
+        storage_note=STORAGE_NOTE,
+        file_storage=lambda workdir, params: stored.storage(file(workdir, params), _kernel(params)),
+        details=lambda workdir, params: stored.details(file(workdir, params), params["type"]),
+        limits=LIMITS,
+        **extra,
+    )
+
+
+METHODS = (
+    _file_method(
+        "gguf",
+        "llama.cpp's file types (Q8_0 ... Q2_K, IQ4_XS) by llama.cpp's own quantizer, run in llama.cpp.",
+        _quantize,
+        _file,
+        backend="cyllama",
+        pip=PIP,
         exports=lambda workdir, params: [_file(workdir, params)],
-        details=lambda workdir, params: stored.details(_file(workdir, params), params["type"]),
-        limits=(
-            "Starts from a .gguf model (the bundled model or your own .gguf file); a transformers folder must be "
-            "converted with llama.cpp's convert_hf_to_gguf.py first.",
-            "CPU only: cyllama's wheel is llama.cpp built for CPUs.",
-            "Small models: k-quant and IQ types need rows that are a multiple of 256 weights; llama.cpp stores "
-            "other tensors in fallback types, which the details show.",
-        ),
+    ),
+    _file_method(
+        "gguf-imat",
+        "llama.cpp's file type with an importance matrix from the calibration blocks (llama-quantize --imatrix).",
+        _quantize_with_importance,
+        _imat_file,
+        (SAMPLES, BLOCK_TOKENS),
+        needs_calibration=True,
+        backend="libggml",
+        pip=PIP_GGML,
+        exports=lambda workdir, params: [_imat_file(workdir, params), workdir / IMATRIX_FILE],
     ),
 )
