@@ -70,6 +70,7 @@ bench: setup
 	$(PY) bench/sensitivity_speed.py
 	$(PY) bench/sweep_overhead.py
 	$(PY) bench/notebook_times.py
+	$(PY) bench/gguf_mix.py
 
 clean:
 	rm -rf results artifacts .pytest_cache $(WIDGETS7) notebooks/results notebooks/logs logs

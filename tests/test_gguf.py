@@ -176,3 +176,41 @@ def test_export_replaces_nothing_and_refuses_methods_without_a_file(tmp_path, ca
     assert main(["export", *EXPORT, "--method", "rtn", "--out", str(tmp_path / "other")]) == 2
     assert "rtn: cannot be exported as a file; methods that can: gguf" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def _option(kind, size, kl):
+    from workbench.methods.gguf.mix import Option
+
+    return Option(kind, size, kl)
+
+
+def test_the_mix_spends_the_budget_where_the_predicted_loss_drops_most_per_byte():
+    from workbench.methods.gguf import mix
+
+    ladders = {
+        "sensitive": [_option("Q4_0", 100, 1.0), _option("Q8_0", 200, 0.1)],
+        "robust": [_option("Q4_0", 100, 0.01), _option("Q8_0", 200, 0.001)],
+    }
+    assert {n: o.kind for n, o in mix.plan(ladders, 300).items()} == {"sensitive": "Q8_0", "robust": "Q4_0"}
+    assert {n: o.kind for n, o in mix.plan(ladders, 400).items()} == {"sensitive": "Q8_0", "robust": "Q8_0"}
+    assert {n: o.kind for n, o in mix.plan(ladders, 299).items()} == {"sensitive": "Q4_0", "robust": "Q4_0"}
+    with pytest.raises(WorkbenchError, match="choose a larger file type"):
+        mix.plan(ladders, 150)
+
+
+def test_a_tensor_s_ladder_holds_the_types_that_fit_its_rows_priced_by_ggml():
+    import numpy as np
+
+    from workbench.methods.gguf import mix
+
+    values = np.random.default_rng(0).standard_normal((8, 576)).astype(np.float32)
+    ladder = mix.options(values, None, map_kl=0.5)
+    kinds = [o.kind for o in ladder]
+    assert not {"Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K"} & set(kinds)  # 576 is not a multiple of 256
+    # IQ4_NL costs Q4_0's bytes with a better grid: Q4_0 (where the map was measured, predicted
+    # loss 0.5) is dropped, and IQ4_NL predicts less; more bytes predict less loss.
+    assert kinds == ["IQ4_NL", "Q5_0", "Q8_0"] and ladder[0].kl < 0.5
+    assert all(a.bytes < b.bytes and a.kl > b.kl for a, b in zip(ladder, ladder[1:]))
+    assert next(o.bytes for o in ladder if o.kind == "Q8_0") == 8 * 576 // 32 * 34  # 32 int8 + an fp16 scale
+    wide = [o.kind for o in mix.options(np.tile(values, 2)[:, :512], None, map_kl=0.5)]
+    assert "Q4_K" in wide and "Q6_K" in wide

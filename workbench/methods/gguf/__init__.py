@@ -48,6 +48,10 @@ def _imat_file(workdir, params):
     return workdir / f"{params['type']}-imat.gguf"
 
 
+def _map_file(workdir, params):
+    return workdir / f"map-mix-{params['type']}-bytes.gguf"
+
+
 def _kernel(params) -> str:
     if params["runtime"] == "llama.cpp":
         from workbench.methods.gguf.llama_cpp import RELEASE
@@ -138,7 +142,35 @@ def _storage(method, params, device):
     return FILE_TYPES[params["type"]][2], compute_bits(device)
 
 
+def _quantize_map_mix(request):
+    """A map-guided mix (`mix`) at the bytes llama.cpp's own file of the type spends on block tensors."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from workbench.methods.gguf import imatrix, mix, retype
+    from workbench.metrics import sensitivity
+    from workbench.sources import models
+
+    source, template = _llama_cpp_file(request, request.params["type"])
+    weights = importance(request)
+    smap, _ = sensitivity.load_or_compute(
+        request.source, mix.fake_quantize, mix.MAP_METHOD, request.params["map_tokens"], "layer", log=request.log
+    )
+    names = imatrix.gguf_names(models.load_model(request.source, "cpu"))
+    map_kl = {names[cell.layers[0]]: cell.kl for cell in smap.cells}
+    f32 = {t.name: t.data for t in GGUFReader(source).tensors}
+    budget = sum(int(t.n_bytes) for t in GGUFReader(template).tensors if t.name in map_kl)
+    request.log(f"[gguf] choosing types for {len(map_kl)} tensors within {budget / 1e6:.1f} MB...")
+    ladders = {name: mix.options(f32[name], weights.mean(name), kl) for name, kl in map_kl.items()}
+    chosen = mix.plan(ladders, budget)
+    types = {name: GGMLQuantizationType[option.kind] for name, option in chosen.items()}
+    out = _map_file(request.workdir, request.params)
+    retype.write(template, source, out, types, weights, request.log)
+    template.unlink()
+    return _load(request, out)
+
+
 TYPE = Param("type", "Q4_K_M", "llama.cpp file type.", tuple(FILE_TYPES))
+MAP_TOKENS = Param("map_tokens", 512, "Calibration tokens the sensitivity map is measured on.", minimum=16)
 RUNTIME = Param("runtime", "llama.cpp", "Measure in llama.cpp, or dequantized into the torch model.", RUNTIMES)
 STORAGE_NOTE = (
     "llama.cpp keeps some tensors in other types (more bits for some layers, fallbacks for rows that do not "
@@ -153,8 +185,9 @@ LIMITS = (
 )
 
 
-def _file_method(name: str, summary: str, quantize, file, params=(), **extra) -> Method:
-    """A method whose build is one GGUF file in its working folder, measured like any row."""
+def _file_method(name: str, summary: str, quantize, file, params=(), mix_label="", **extra) -> Method:
+    """A method whose build is one GGUF file in its working folder, measured like any row.
+    `mix_label`: the file holds types of the workbench's choosing, described so."""
     return Method(
         name=name,
         family="gguf",
@@ -168,7 +201,9 @@ def _file_method(name: str, summary: str, quantize, file, params=(), **extra) ->
         storage=_storage,
         storage_note=STORAGE_NOTE,
         file_storage=lambda workdir, params: stored.storage(file(workdir, params), _kernel(params)),
-        details=lambda workdir, params: stored.details(file(workdir, params), params["type"]),
+        details=lambda workdir, params: stored.details(
+            file(workdir, params), mix_label.format(params["type"]) or params["type"], fallback=not mix_label
+        ),
         limits=LIMITS,
         **extra,
     )
@@ -194,5 +229,17 @@ METHODS = (
         backend="libggml",
         pip=PIP_GGML,
         exports=lambda workdir, params: [_imat_file(workdir, params), workdir / IMATRIX_FILE],
+    ),
+    _file_method(
+        "gguf-map",
+        "Per-tensor ggml types chosen from the sensitivity map, at the bytes of llama.cpp's own file of the type.",
+        _quantize_map_mix,
+        _map_file,
+        (SAMPLES, BLOCK_TOKENS, MAP_TOKENS),
+        needs_calibration=True,
+        backend="libggml",
+        pip=PIP_GGML,
+        exports=lambda workdir, params: [_map_file(workdir, params), workdir / IMATRIX_FILE],
+        mix_label="map mix at the bytes of llama.cpp's {}",
     ),
 )

@@ -51,6 +51,11 @@ def fits(kind, row: int) -> bool:
     return row % block_size(kind) == 0
 
 
+def row_size(kind, row: int) -> int:
+    """Bytes of one row of `row` weights in ggml type `kind`."""
+    return _library().ggml_row_size(int(kind), row)
+
+
 def quantize(values, kind, importance=None):
     """`values` (rows x row, float32) in ggml type `kind`: the bytes llama.cpp stores, rows x bytes per row.
     `importance`: one weight per column (the mean squared activation it multiplies), or None."""
@@ -63,7 +68,7 @@ def quantize(values, kind, importance=None):
         raise WorkbenchError(f"ggml: rows of {row} weights do not fit {kind.name}'s blocks of {block_size(kind)}.")
     if importance is None and library.ggml_quantize_requires_imatrix(int(kind)):
         raise WorkbenchError(f"ggml: {kind.name} needs an importance matrix.")
-    out = np.empty((rows, library.ggml_row_size(int(kind), row)), dtype=np.uint8)
+    out = np.empty((rows, row_size(kind, row)), dtype=np.uint8)
     weights = None
     if importance is not None:
         importance = np.ascontiguousarray(importance, dtype=np.float32)

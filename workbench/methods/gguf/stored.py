@@ -44,13 +44,14 @@ def type_mix(path: Path) -> dict[str, float]:
     return {kind: n / total for kind, n in counts.most_common()}
 
 
-def details(path: Path, file_type: str) -> dict:
-    """The result's details: the type mix, and why it differs from the label when rows do not fit."""
+def details(path: Path, file_type: str, fallback: bool = True) -> dict:
+    """The result's details: the type mix, and why it differs from the label when rows do not fit
+    (`fallback`: the label is one of llama.cpp's file types)."""
     mix = type_mix(path)
     shown = ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in mix.items())
     rows = sorted({row for name, _, row, elements, _ in _weights(path) if elements != row and row % SUPER_BLOCK})
     note = ""
-    if rows and ("_K" in file_type or file_type.startswith("IQ")):
+    if fallback and rows and ("_K" in file_type or file_type.startswith("IQ")):
         note = (
             f"; rows of {', '.join(map(str, rows))} weights are not a multiple of {SUPER_BLOCK} (the block of "
             "k-quant and IQ types), so llama.cpp stored those tensors in other types"
