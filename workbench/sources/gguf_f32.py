@@ -88,19 +88,29 @@ def write_merged_f32(source: ModelSource, template: Path, out: Path) -> None:
     write_f32(reader, gguf_from_hf.merged_tensors(source, reader), out)
 
 
-def write_f32(template, tensors, out: Path) -> None:
-    """A GGUF at `out` with `template`'s metadata (a `GGUFReader`), file type ALL_F32, and `tensors`
-    ((name, float32 array) pairs, in the order given) stored as F32."""
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+def metadata_writer(template, out: Path, file_type: int):
+    """A `GGUFWriter` for `out` holding `template`'s metadata (a `GGUFReader`), with `file_type`."""
+    from gguf import GGUFValueType, GGUFWriter
 
     writer = GGUFWriter(out, template.fields["general.architecture"].contents())
     for name, field in template.fields.items():
-        if name.startswith("GGUF.") or name in SKIPPED_FIELDS:
-            continue
-        kind = field.types[0]
-        sub_type = field.types[-1] if kind == GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
-    writer.add_file_type(ALL_F32)
+        if name == "general.file_type":
+            writer.add_file_type(file_type)  # in its place: a file written again keeps its bytes
+        elif not (name.startswith("GGUF.") or name in SKIPPED_FIELDS):
+            kind = field.types[0]
+            sub_type = field.types[-1] if kind == GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
+    if "general.file_type" not in template.fields:
+        writer.add_file_type(file_type)
+    return writer
+
+
+def write_f32(template, tensors, out: Path) -> None:
+    """A GGUF at `out` with `template`'s metadata (a `GGUFReader`), file type ALL_F32, and `tensors`
+    ((name, float32 array) pairs, in the order given) stored as F32."""
+    from gguf import GGMLQuantizationType
+
+    writer = metadata_writer(template, out, ALL_F32)
     for name, values in tensors:
         writer.add_tensor(name, values, raw_dtype=GGMLQuantizationType.F32)
     writer.write_header_to_file()

@@ -146,17 +146,15 @@ def _quantize_map_mix(request):
     """A map-guided mix (`mix`) at the bytes llama.cpp's own file of the type spends on block tensors."""
     from gguf import GGMLQuantizationType, GGUFReader
 
-    from workbench.methods.gguf import imatrix, mix, retype
+    from workbench.methods.gguf import mix, retype
     from workbench.metrics import sensitivity
-    from workbench.sources import models
 
     source, template = _llama_cpp_file(request, request.params["type"])
     weights = importance(request)
     smap, _ = sensitivity.load_or_compute(
         request.source, mix.fake_quantize, mix.MAP_METHOD, request.params["map_tokens"], "layer", log=request.log
     )
-    names = imatrix.gguf_names(models.load_model(request.source, "cpu"))
-    map_kl = {names[cell.layers[0]]: cell.kl for cell in smap.cells}
+    map_kl = {weights.names[cell.layers[0]]: cell.kl for cell in smap.cells}
     f32 = {t.name: t.data for t in GGUFReader(source).tensors}
     budget = sum(int(t.n_bytes) for t in GGUFReader(template).tensors if t.name in map_kl)
     request.log(f"[gguf] choosing types for {len(map_kl)} tensors within {budget / 1e6:.1f} MB...")

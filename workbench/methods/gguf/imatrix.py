@@ -25,6 +25,8 @@ class Importance:
     """Calibration tokens the sums are over."""
     chunk_size: int
     dataset: str
+    names: dict
+    """Module name of every block linear -> its GGUF tensor name."""
 
     def mean(self, name: str):
         """The per-column weights ggml's quantizer takes (None: no entry for this tensor)."""
@@ -76,7 +78,7 @@ def collect(model, blocks: list[list[int]], dataset: str, log=print) -> Importan
         for handle in handles:
             handle.remove()
     tokens = sum(len(ids) for ids in blocks)
-    return Importance({k: v.numpy() for k, v in sums.items()}, tokens, len(blocks[0]), dataset)
+    return Importance({k: v.numpy() for k, v in sums.items()}, tokens, len(blocks[0]), dataset, names)
 
 
 def save(importance: Importance, path: Path) -> None:

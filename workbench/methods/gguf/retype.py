@@ -28,19 +28,14 @@ def write(template: Path, f32: Path, out: Path, types: dict | None = None, impor
     """`out`: `template`'s metadata and tensor order; each tensor quantized from `f32` by ggml to
     `types[name]` (default: the template's type), weighted by `importance` (an `imatrix.Importance`)."""
     import numpy as np
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from workbench.sources.gguf_f32 import metadata_writer
 
     reader = GGUFReader(template)
     source = {tensor.name: tensor for tensor in GGUFReader(f32).tensors}
-    writer = GGUFWriter(out, reader.fields["general.architecture"].contents())
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture" or (types and name == "general.file_type"):
-            continue
-        kind = field.types[0]
-        sub_type = field.types[-1] if kind == GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
-    if types:
-        writer.add_file_type(GUESSED_FILE_TYPE)
+    file_type = GUESSED_FILE_TYPE if types else int(reader.fields["general.file_type"].contents())
+    writer = metadata_writer(reader, out, file_type)
     if importance is not None:
         writer.add_string("quantize.imatrix.dataset", importance.dataset)
         writer.add_int32("quantize.imatrix.entries_count", len(importance.sums))
