@@ -23,6 +23,10 @@ from workbench.sources.source import ModelSource, cache_dir
 ALL_F32 = 0
 """llama.cpp's `LLAMA_FTYPE_ALL_F32`, written as the file's `general.file_type`."""
 
+WRITER_VERSION = 2
+"""Part of the cache key: a file written by an older writer (another order of the metadata) is
+written again, so that every cached file is the one this code writes."""
+
 SKIPPED_FIELDS = ("general.architecture", "general.file_type")
 """Written by the writer itself (the architecture) or anew (the file type)."""
 
@@ -40,7 +44,7 @@ def f32_gguf(source: ModelSource, log=print) -> Path:
         template = gguf_from_hf.template_for(source)  # refuses folders it cannot vouch for, and hub models
         key, stem = f"{fingerprint(source)}|{template.resolve()}|{template.stat().st_size}", Path(source.location).name
         write = lambda out: write_merged_f32(source, template, out)  # noqa: E731
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{key}|writer {WRITER_VERSION}".encode()).hexdigest()[:16]
     path = cache_dir() / "gguf-f32" / f"{stem}-{digest}.f32.gguf"
     if path.is_file():
         return path

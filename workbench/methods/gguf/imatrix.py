@@ -73,7 +73,8 @@ def collect(model, blocks: list[list[int]], dataset: str, log=print) -> Importan
         with torch.inference_mode():
             for i, ids in enumerate(blocks):
                 model(input_ids=torch.tensor([ids]), use_cache=False)
-                log(f"[gguf] importance matrix: block {i + 1}/{len(blocks)}")
+                if (i + 1) % max(len(blocks) // 4, 1) == 0 or i + 1 == len(blocks):  # four lines, not one a block
+                    log(f"[gguf] importance matrix: block {i + 1}/{len(blocks)}")
     finally:
         for handle in handles:
             handle.remove()
