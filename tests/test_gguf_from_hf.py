@@ -33,6 +33,20 @@ def quiet(message):
     pass
 
 
+FOLDERS = ("smollm2-merged-fp32", "changed", "folder", "merged-fp16")
+"""The folders these tests write F32 GGUFs of: their cached files go when the module ends."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def leave_no_cached_files_behind():
+    """Each run's folders hold another record (a temporary path in it), so each run would leave
+    0.5 GB per folder in the user's cache."""
+    yield
+    for path in (gguf_f32.cache_dir() / "gguf-f32").glob("*.gguf"):
+        if path.name.startswith(tuple(f"{name}-" for name in FOLDERS)):
+            path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def fp32_folder(tmp_path_factory, bundled_source):
     """The bundled model as the workbench loads it, saved in fp32 with a merge's record naming it."""
