@@ -160,6 +160,18 @@ def _add_measuring_options(command: argparse.ArgumentParser) -> None:
         help="tokens generated to measure decode speed (0 = skip; else 8 or more)",
     )
     command.add_argument(
+        "--tasks",
+        default=None,
+        help="task accuracy through lm-eval after perplexity: name[:limit=N][:fewshot=K],... "
+        "(lm-eval's task names, or the offline wb_lastword)",
+    )
+    command.add_argument(
+        "--tasks-file",
+        action="append",
+        default=[],
+        help="your own task: an lm-eval task .yaml, or a .jsonl of questions (see docs/tasks.md); repeatable",
+    )
+    command.add_argument(
         "--jobs",
         type=int,
         default=1,

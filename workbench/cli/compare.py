@@ -116,8 +116,11 @@ def _model_spec(args):
 
 def _eval_config(args):
     from workbench.core.config import EvalConfig
+    from workbench.metrics import tasks
 
     stride = args.max_length if args.stride is None else args.stride  # --stride 0 is refused, not the default
+    specs = tasks.parse(getattr(args, "tasks", None), getattr(args, "tasks_file", ()))
+    tasks.check(specs)  # before any model loads
     return EvalConfig(
         max_length=args.max_length,
         stride=stride,
@@ -125,6 +128,7 @@ def _eval_config(args):
         text_path=args.eval_text,
         decode_tokens=args.decode_tokens,
         allow_long=args.allow_long_eval,
+        tasks=specs,
     )
 
 

@@ -48,6 +48,20 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class TaskSpec:
+    """A task to measure accuracy on (`workbench.metrics.tasks`): an lm-eval task name, an offline
+    task of the workbench, or a user's file."""
+
+    name: str
+    limit: int | None = None
+    """At most this many documents (lm-eval's `limit`); None = all."""
+    num_fewshot: int | None = None
+    """Examples in the prompt; None = the task's own default."""
+    path: str | None = None
+    """The user's task file (`--tasks-file`), absolute."""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """How perplexity is measured. The values travel with every result as its protocol."""
 
@@ -65,6 +79,8 @@ class EvalConfig:
     """New tokens generated to measure decode throughput (0 = skip the speed measurement; else at least 8)."""
     allow_long: bool = False
     """Measure an evaluation of more than `data.LONG_EVAL_TOKENS` tokens (refused by default: hours per method)."""
+    tasks: tuple[TaskSpec, ...] = ()
+    """Tasks whose accuracy is measured after perplexity, through lm-eval (`workbench.metrics.tasks`)."""
 
     def __post_init__(self):
         for name in ("max_length", "stride", "batch_size"):

@@ -9,6 +9,7 @@ of the same configuration replaces the older one, and another model or protocol 
 from __future__ import annotations
 
 import html
+import json
 
 import ipywidgets as widgets
 
@@ -22,7 +23,7 @@ WAITING = "<i>No results yet: press Compare above; this table fills in after eve
 
 def _setting(result: Result) -> tuple:
     """What makes two results comparable: the same model content and perplexity protocol."""
-    return result.model_fingerprint, tuple(result.protocol.get(k) for k in IDENTITY_PROTOCOL)
+    return result.model_fingerprint, json.dumps([result.protocol.get(k) for k in IDENTITY_PROTOCOL], sort_keys=True)
 
 
 class ClaimsPanel(Panel):

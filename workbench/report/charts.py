@@ -143,9 +143,47 @@ def _hover(result: Result, name: str, value: float, on_front: bool) -> str:
     )
 
 
+def task_chart(results: list[Result], task: str):
+    """A task's accuracy against weight memory, each point with its standard error as an error bar."""
+    import plotly.graph_objects as go
+
+    done = [r for r in _ok(results) if (r.tasks or {}).get(task) and r.weight_bytes]
+    scores = [r.tasks[task] for r in done]
+    metric = scores[0]["metric"] if scores else ""
+    fig = go.Figure(
+        go.Scatter(
+            x=[r.weight_bytes / MB for r in done],
+            y=[100 * s["value"] for s in scores],
+            error_y={"type": "data", "array": [100 * (s["stderr"] or 0) for s in scores], "visible": True},
+            mode="markers+text",
+            text=[r.label for r in done],
+            textposition="top center",
+            marker={"size": 10, "color": "#1f77b4"},
+        )
+    )
+    limit = scores[0]["limit"] if scores else None
+    fig.update_layout(
+        title=f"{task}: {metric} vs weight memory, bars ± 1 standard error (higher is better)"
+        f"<br><sup>{done[0].model if done else ''} · {scores[0]['n'] if scores else 0} documents"
+        f"{f' (limit {limit})' if limit else ''} · lm-evaluation-harness</sup>",
+        xaxis_title="weight memory (MB of stored weights)",
+        yaxis_title=f"{metric} (%)",
+        template="plotly_white",
+        height=440,
+        showlegend=False,
+    )
+    return fig
+
+
 def all_charts(results: list[Result], metric: str = "ppl") -> list:
-    """The bar chart of each measured quantity, then the trade-off of `metric` against weight memory."""
-    return [bar_chart(results, *bar) for bar in BAR_METRICS] + [pareto_chart(results, metric)]
+    """The bar chart of each measured quantity, the trade-off of `metric` against weight memory,
+    then each task's accuracy against weight memory."""
+    measured_tasks = dict.fromkeys(task for r in _ok(results) for task in (r.tasks or {}))
+    return (
+        [bar_chart(results, *bar) for bar in BAR_METRICS]
+        + [pareto_chart(results, metric)]
+        + [task_chart(results, task) for task in measured_tasks]
+    )
 
 
 def write_report(results: list[Result], path: Path, left_out: list[str] = (), metric: str = "ppl") -> None:

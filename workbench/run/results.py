@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from workbench.core import files
+from workbench.run import column_notes
 
 MB = 1024 * 1024
 
@@ -34,6 +35,7 @@ IDENTITY_PROTOCOL = (
     "batch_size",
     "decode_tokens",
     "warm_up_tokens",
+    "tasks",
 )
 """The protocol settings that are part of a result's identity (everything that changes a number)."""
 
@@ -96,6 +98,9 @@ class Result:
     """max / min decode rate over the repetitions."""
     decode_repeats: int | None = None
     kernel: str = ""
+    tasks: dict | None = None
+    """Task accuracy through lm-eval: task -> {metric, value, stderr, n, version, fewshot, limit}
+    (`workbench.metrics.tasks`); None when no task was asked for."""
     protocol: dict = field(default_factory=dict)
     """Perplexity protocol: text (and its hash), max_length, stride, n_tokens, n_windows, bos, batch and decode settings."""
     calibration: dict | None = None
@@ -264,6 +269,7 @@ def delta_ppl_pct(result: Result, baseline: Result | None) -> float | None:
 def table_rows(results: list[Result]) -> list[dict]:
     """Rows with units in the column names: what the table, CSV and charts show."""
     base = baseline_of(results)
+    task_columns = column_notes.task_columns(results)
     rows = []
     for r in results:
         delta = delta_ppl_pct(r, base)
@@ -286,6 +292,7 @@ def table_rows(results: list[Result]) -> list[dict]:
                 "KL mean (nats)": _round(r.kl_mean, 4),
                 "KL p99": _round(r.kl_p99, 4),
                 "top-1 same %": _round(None if r.top1_agreement is None else 100 * r.top1_agreement, 1),
+                **{column: column_notes.task_cell(r, task, metric) for task, metric, column in task_columns},
                 "run in": r.mode + (f", reused from {r.reused_from}" if r.reused_from else ""),
                 "error": r.error or "",
             }
@@ -342,29 +349,9 @@ def footnotes(results: list[Result]) -> list[str]:
             notes.append(
                 f"Δ ppl % is relative to {base.method}. Device: {first.environment.get('device_name', first.device)}."
             )
-        notes.extend(_kl_note(done))
+        notes.extend(column_notes.kl_note(done))
+        notes.extend(column_notes.task_note(done))
     return notes
-
-
-def _kl_note(done: list[Result]) -> list[str]:
-    """What the KL columns are: against which reference, on which tokens, and the approximation."""
-    with_kl = [r for r in done if r.kl_mean is not None]
-    if not with_kl:
-        return []
-    references = sorted({str(r.protocol.get("kl_reference")) for r in with_kl})
-    p = with_kl[0].protocol
-    blank = (
-        " Blank: measured before the reference's distributions were recorded; re-run to fill."
-        if len(with_kl) < len(done)
-        else ""
-    )
-    return [
-        f"KL mean / p99: KL divergence (nats per token) of each method's next-token distribution from "
-        f"{' / '.join(references)}'s, mean and 99th percentile over the same {p.get('n_tokens')} scored tokens; "
-        "top-1 same %: tokens whose most likely next token is unchanged. The reference's distribution is kept as its "
-        f"top {p.get('kl_top_k')} tokens plus {p.get('kl_tail_samples')} tokens drawn from the rest (an estimate within "
-        f"about 1% of the exact mean KL on SmolLM2-135M; see workbench.metrics.divergence). Lower KL is better.{blank}"
-    ]
 
 
 def format_details(results: list[Result], layers: bool = True) -> str:

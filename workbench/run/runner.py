@@ -16,6 +16,7 @@ process per method, the default). CLI compare, the panels and fine-tuning all go
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import shutil
 import time
@@ -29,7 +30,7 @@ from workbench import methods
 from workbench.core import allocator, files
 from workbench.core.errors import WorkbenchError
 from workbench.methods import Choice
-from workbench.metrics import divergence, memory, perplexity, speed
+from workbench.metrics import divergence, memory, perplexity, speed, tasks
 from workbench.run.results import Result
 from workbench.run.session import SEED, SPEED_PROMPT, Session, backend_of, environment  # noqa: F401 (runner.Session)
 from workbench.sources import data, hub
@@ -118,6 +119,8 @@ class Measurements:
     """The forward pass before measuring (`speed.warm_up`): counted with the load time."""
     divergence: divergence.Stats | None = None
     """KL and top-1 agreement against the reference; None when its distributions are not recorded."""
+    tasks: tasks.TaskScores | None = None
+    """Task accuracy (`measure_tasks`), measured after the run peak; None when none was asked for."""
 
     def result_fields(self) -> dict:
         """What each metric measured, as `Result` fields: every field here whose value has
@@ -164,6 +167,11 @@ def measure(
     shown = f", KL {stats.kl_mean:.4f} nats, top-1 same {100 * stats.top1_agreement:.1f}%" if stats else ""
     log(f"[{label}] perplexity {ppl.ppl:.2f}{shown} in {eval_s:.1f} s")
     return Measurements(ppl, eval_s, decode, warm_up_s, stats)
+
+
+def measure_tasks(session: Session, built: Built, log: Callable[[str], None] = print) -> tasks.TaskScores:
+    """The session's tasks on the built model, through lm-eval."""
+    return tasks.run(built.model, session.tokenizer, session.eval.tasks, session.eval.batch_for(session.device), log)
 
 
 def prepare(session: Session, built: Built) -> float:
@@ -243,6 +251,8 @@ def evaluate(
                 prepare(session, built)
             with memory.PeakMemory(session.device, False, apart, build_peak.baseline_bytes) as run_peak:
                 measured = measure(session, built, log, progress)
+            if session.eval.tasks:  # after the run peak: lm-eval's own working set is not the model's
+                measured = dataclasses.replace(measured, tasks=measure_tasks(session, built, log))
     except BaseException as exc:
         if built is not None:
             built.close()  # Ctrl-C and SIGTERM too: no working folder is left behind

@@ -15,7 +15,7 @@ from workbench import methods
 from workbench.core.config import EvalConfig, ModelSpec
 from workbench.core.errors import WorkbenchError
 from workbench.methods import Choice
-from workbench.metrics import divergence, perplexity
+from workbench.metrics import divergence, perplexity, tasks
 from workbench.sources import data, models, remote_code
 
 SPEED_PROMPT = "Quantization stores the weights of a neural network with fewer bits, so that"
@@ -102,6 +102,7 @@ class Session:
             "batch_size": self.eval.batch_for(self.device),
             "decode_tokens": self.eval.decode_tokens,
             "warm_up_tokens": len(self.speed_prompt()),
+            **({"tasks": tasks.protocol(self.eval.tasks)} if self.eval.tasks else {}),
         }
 
     def speed_prompt(self) -> list[int]:
