@@ -68,6 +68,14 @@ def test_parse_choice_coerces_and_labels():
     assert method.bits_for(params) == 8
 
 
+def test_gguf_presets_name_llama_cpp_s_file_types():
+    assert methods.parse("gguf-q4_k_m").params == methods.parse("gguf:type=Q4_K_M").params
+    assert methods.parse("gguf-q4_k_m-imat").params == methods.parse("gguf-imat:type=Q4_K_M").params
+    assert methods.parse("gguf-q8_0:runtime=torch").params == {"type": "Q8_0", "runtime": "torch"}
+    with pytest.raises(WorkbenchError, match="type is set twice"):
+        methods.parse("gguf-q8_0:type=Q4_0")
+
+
 @pytest.mark.parametrize("name", GPU_ONLY)
 def test_gpu_only_methods_say_so_on_cpu(name):
     assert "cuda only" in methods.get(name).unavailable_reason("cpu")

@@ -40,6 +40,9 @@ for _family in FAMILIES:
     for _method in _family.METHODS:
         register(_method)
 
+PRESETS: dict[str, str] = {name: text for family in FAMILIES for name, text in getattr(family, "PRESETS", {}).items()}
+"""Short names that stand for a method with parameters (`gguf-q4_k_m` = `gguf:type=Q4_K_M`)."""
+
 
 def get(name: str) -> Method:
     try:
@@ -58,6 +61,9 @@ def available(device: str | None = None) -> list[tuple[Method, str | None]]:
 def parse(text: str, adapter: str | None = None) -> Choice:
     """`gptq:bits=8:group_size=32` -> Choice(the gptq Method, validated params)."""
     name, *pairs = text.strip().split(":")
+    if name in PRESETS:  # its own parameters first: one given again is "set twice"
+        name, *preset = PRESETS[name].split(":")
+        pairs = preset + pairs
     method = get(name)
     overrides = {}
     for pair in pairs:

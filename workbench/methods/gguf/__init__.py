@@ -241,3 +241,10 @@ METHODS = (
         mix_label="map mix at the bytes of llama.cpp's {}",
     ),
 )
+
+PRESETS = {
+    **{f"gguf-{t.lower()}": f"gguf:type={t}" for t in FILE_TYPES if t != "F32"},
+    **{f"gguf-{t.lower()}-imat": f"gguf-imat:type={t}" for t in FILE_TYPES if t != "F32"},
+}
+"""Short names for llama.cpp's file types, as people call the files: `gguf-q4_k_m` is
+`gguf:type=Q4_K_M`, `gguf-q4_k_m-imat` is `gguf-imat:type=Q4_K_M`."""
