@@ -91,6 +91,23 @@ def test_answers_given_as_text_become_indices_and_the_users_file_is_untouched():
     assert QUESTIONS.read_bytes() == before
 
 
+def test_the_held_out_task_scores_the_first_about_n_gb_of_an_answer():
+    """wb_heldout's target and filter, through lm-eval's own task object: a fine-tuned answer
+    scores 1 only when its "About N GB" is the response's."""
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.filters.extraction import RegexFilter
+
+    task = ConfigurableTask(config=tasks.offline_task_config("wb_heldout"))
+    docs = list(task.test_docs())
+    assert len(docs) == 40 and task.doc_to_target(docs[0]) == "About 500 MB"
+    (regex, _take_first), *_ = (stage.filters for stage in task._filters)
+    pattern = regex.keywords["regex_pattern"]
+    answers = ["About 500 MB: 125 million weights x 32 bits / 8 = 500 MB.", "Roughly half a gigabyte."]
+    extracted = list(RegexFilter(regex_pattern=pattern).apply([answers], docs[:1]))[0]
+    assert [task.process_results(docs[0], [e])["exact_match"] for e in extracted] == [1.0, 0.0]
+    assert task.process_results(docs[0], ["About 50 MB"])["exact_match"] == 0.0
+
+
 def test_an_unknown_task_is_one_error_line_before_any_model_loads(capsys, tmp_path):
     start = time.monotonic()
     code = main(

@@ -163,7 +163,7 @@ def _add_measuring_options(command: argparse.ArgumentParser) -> None:
         "--tasks",
         default=None,
         help="task accuracy through lm-eval after perplexity: name[:limit=N][:fewshot=K],... "
-        "(lm-eval's task names, or the offline wb_lastword)",
+        "(lm-eval task names, or the offline wb_lastword, wb_heldout)",
     )
     command.add_argument(
         "--tasks-file",

@@ -30,14 +30,20 @@ from workbench.core.errors import WorkbenchError
 
 LM_EVAL_PIN = "lm-eval==0.4.13"
 TASKS_DIR = Path(str(files("workbench") / "datasets" / "tasks"))
+FINETUNE_DIR = Path(str(files("workbench") / "datasets" / "finetune"))
 OFFLINE = {
     "wb_lastword": (
-        "lastword.jsonl",
+        TASKS_DIR / "lastword.jsonl",
         "LAMBADA's protocol on passages of the Python standard library's docstrings: the share of passages "
         "whose last word is the model's greedy continuation",
-    )
+    ),
+    "wb_heldout": (
+        FINETUNE_DIR / "heldout.jsonl",
+        "the fine-tuning set's 40 held-out questions, asked in the chat template as in fine-tuning: the share "
+        "whose greedy answer starts with the right 'About N GB'",
+    ),
 }
-"""The workbench's offline tasks: name -> (file in TASKS_DIR, what it measures)."""
+"""The workbench's offline tasks: name -> (data file, what it measures)."""
 OFFLINE_VERSION = 1
 """Version of the offline tasks' definitions (part of their identity, with their file's hash)."""
 SETTINGS = {"limit": int, "fewshot": int}
@@ -124,7 +130,7 @@ def protocol(specs: tuple[TaskSpec, ...]) -> list[dict]:
 
 
 def _data_sha(spec: TaskSpec) -> str | None:
-    path = Path(spec.path) if spec.path else TASKS_DIR / OFFLINE[spec.name][0] if spec.name in OFFLINE else None
+    path = Path(spec.path) if spec.path else OFFLINE[spec.name][0] if spec.name in OFFLINE else None
     if path is None:
         return None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -148,10 +154,33 @@ def _json_task(name: str, path: Path, **config) -> dict:
 def offline_task_config(name: str) -> dict:
     """wb_lastword: lm-eval's `lambada_openai` settings (log-likelihood of the last word; `acc`
     = the word is the greedy continuation) on the offline passages. Without lambada's perplexity
-    metric: its standard error is bootstrapped in a process pool, which a worker cannot start."""
+    metric: its standard error is bootstrapped in a process pool, which a worker cannot start.
+
+    wb_heldout: each held-out instruction as the user's turn of the chat template (`run` asks
+    lm-eval to apply it, as fine-tuning does), greedy generation to the end of the line, and
+    `exact_match` of the first "About N GB" in it with the response's."""
+    if name == "wb_heldout":
+        return _json_task(
+            name,
+            OFFLINE[name][0],
+            output_type="generate_until",
+            doc_to_text="{{instruction}}",
+            doc_to_target="{{response.split(':')[0]}}",
+            generation_kwargs={"until": ["\n"], "do_sample": False, "max_gen_toks": 32},
+            filter_list=[
+                {
+                    "name": "about",
+                    "filter": [
+                        {"function": "regex", "regex_pattern": r"(About [0-9.]+ [MG]B)"},
+                        {"function": "take_first"},
+                    ],
+                }
+            ],
+            metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        )
     return _json_task(
         name,
-        TASKS_DIR / OFFLINE[name][0],
+        OFFLINE[name][0],
         output_type="loglikelihood",
         doc_to_text="{{context}}",
         doc_to_target="{{target}}",
@@ -296,6 +325,7 @@ def run(model, tokenizer, specs: tuple[TaskSpec, ...], batch_size: int, log: Cal
                 num_fewshot=spec.num_fewshot,
                 limit=spec.limit,
                 task_manager=manager,
+                apply_chat_template=spec.name == "wb_heldout" and bool(getattr(tokenizer, "chat_template", None)),
                 verbosity="ERROR",
                 random_seed=0,
                 numpy_random_seed=0,
