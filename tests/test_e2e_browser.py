@@ -46,6 +46,7 @@ KERNEL_ENV = {
     "WB_MAP_BLOCKS": "28,29",
     "WB_SWEEP": "rtn:bits=3,4",
     "WB_GGUF_TYPES": "Q4_K_M",
+    "WB_ALSO": "bnb-nf4",
     "WB_TASKS": "wb_lastword:limit=20",
 }  # 05: a short map, a sweep of rows it measured
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))

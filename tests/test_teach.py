@@ -166,3 +166,24 @@ def test_layer_inputs_and_gptq_study_on_a_tiny_model(tiny_folder):
     assert study["gptq"]["calibration"]["relative"] < study["rtn"]["calibration"]["relative"]
     teach_gptq.gptq_error_figure(study)
     teach_gptq.gptq_step_figure(study)
+
+
+def test_a_gguf_super_block_of_the_models_own_weights_in_llama_cpp_s_types(bundled_source):
+    import numpy as np
+
+    from workbench.teach import gguf_blocks
+
+    view = gguf_blocks.super_block(bundled_source)
+    assert view.layer == "model.layers.0.mlp.down_proj" and view.original.shape == (256,)
+    assert view.bits == {"Q8_0": 8.5, "Q4_0": 4.5, "Q4_K": 4.5, "Q2_K": 2.625}  # scales included
+    # Q8_0: each block of 32 rounds to a step of its largest weight / 127 (the fp16 scale adds a little).
+    for block in range(8):
+        part = slice(32 * block, 32 * block + 32)
+        step = np.abs(view.original[part]).max() / 127
+        assert np.abs(view.restored["Q8_0"][part] - view.original[part]).max() <= 0.51 * step
+    rms = {row["type"]: row["RMS error, % of largest weight"] for row in gguf_blocks.block_table(view)}
+    assert rms["Q8_0"] < rms["Q4_K"] < rms["Q4_0"] < rms["Q2_K"]  # Q4_K's sub-block minimums beat Q4_0 at equal bytes
+    assert len(gguf_blocks.block_figure(view).data) == 5
+    widths = {row["layer kind"]: row for row in gguf_blocks.row_widths(bundled_source)}
+    assert widths["down_proj"]["row width"] == 1536 and widths["down_proj"]["multiple of 256"]
+    assert widths["q_proj"]["row width"] == 576 and not widths["q_proj"]["multiple of 256"]
