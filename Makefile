@@ -71,6 +71,7 @@ bench: setup
 	$(PY) bench/sweep_overhead.py
 	$(PY) bench/notebook_times.py
 	$(PY) bench/gguf_mix.py
+	$(PY) bench/task_accuracy.py
 
 clean:
 	rm -rf results artifacts .pytest_cache $(WIDGETS7) notebooks/results notebooks/logs logs

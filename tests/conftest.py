@@ -12,7 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 SLOWEST_FILES = (
+    "tests/test_tasks.py",
     "tests/test_real_model.py",
+    "tests/test_gguf.py",
     "notebooks/04_merge_and_deploy.ipynb",
     "tests/test_qlora_cpu.py",
     "tests/test_methods.py",

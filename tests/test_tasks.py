@@ -174,20 +174,17 @@ def test_lm_eval_run_directly_gives_the_rows_number(bundled_source):
 
 
 @pytest.mark.model
-@pytest.mark.slow
-def test_the_offline_last_word_task_shows_what_quantization_costs():
-    """All 500 passages: bnb-int8 as good as fp32 within noise (measured: 57.0% and 56.8%, one passage
-    apart, each ± 2.2), bnb-nf4 below both (53.8%), and 2-bit rounding near chance (a guess of a word
-    out of 49,152 tokens), many standard errors below 8-bit. About 5 minutes on 2 cores."""
+def test_the_offline_last_word_task_collapses_with_2_bit_rounding():
+    """The first 100 passages: fp32 finds about half the last words, 2-bit round-to-nearest almost
+    none, many standard errors apart. The full order (fp32, bnb-int8, bnb-nf4, 2-bit on all 500
+    passages, minutes) is bench/task_accuracy.py's: fp32 56.8%, int8 57.0%, nf4 53.8%, 2-bit 0.2%."""
     session = runner.Session.open(
         ModelSpec("bundled", device="cpu"),
-        EvalConfig(max_tokens=128, decode_tokens=0, tasks=(TaskSpec("wb_lastword"),)),
+        EvalConfig(max_tokens=128, decode_tokens=0, tasks=(TaskSpec("wb_lastword", limit=100),)),
         quiet,
     )
-    rows = compare(session, ["fp32", "bnb-int8", "bnb-nf4", "rtn:bits=2"], log=quiet, executor=executors.InProcess())
-    fp32, int8, nf4, two_bit = (row.tasks["wb_lastword"] for row in rows)
-    assert all(score["n"] == 500 and score["metric"] == "acc" for score in (fp32, int8, nf4, two_bit))
-    assert abs(fp32["value"] - int8["value"]) <= fp32["stderr"]  # 8-bit keeps the task, within one error
-    assert nf4["value"] < min(fp32["value"], int8["value"])
-    assert two_bit["value"] < 0.02
-    assert int8["value"] - two_bit["value"] > 10 * (int8["stderr"] ** 2 + two_bit["stderr"] ** 2) ** 0.5
+    rows = compare(session, ["fp32", "rtn:bits=2"], log=quiet, executor=executors.InProcess())
+    fp32, two_bit = (row.tasks["wb_lastword"] for row in rows)
+    assert fp32["n"] == two_bit["n"] == 100
+    assert fp32["value"] > 0.3 and two_bit["value"] < 0.05
+    assert fp32["value"] - two_bit["value"] > 6 * (fp32["stderr"] ** 2 + two_bit["stderr"] ** 2) ** 0.5
