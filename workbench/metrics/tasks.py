@@ -307,7 +307,6 @@ def run(model, tokenizer, specs: tuple[TaskSpec, ...], batch_size: int, log: Cal
 
     if not hasattr(model, "config") or not hasattr(model, "device"):
         raise WorkbenchError("tasks: this runtime is not a transformers model; measure tasks with runtime=torch.")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1" if os.environ.get("HF_HUB_OFFLINE") == "1" else "0")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     manager, scores = TaskManager(verbosity="ERROR"), {}
     for spec in specs:
@@ -339,7 +338,8 @@ def run(model, tokenizer, specs: tuple[TaskSpec, ...], batch_size: int, log: Cal
             ) from None
         scores[spec.name] = main_metric(out, spec)
         shown = scores[spec.name]
-        log(f"[tasks] {spec.name}: {shown['metric']} {shown['value']:.4f} ± {shown['stderr']:.4f} (n={shown['n']})")
+        error = f" ± {shown['stderr']:.4f}" if shown["stderr"] is not None else " (no standard error)"
+        log(f"[tasks] {spec.name}: {shown['metric']} {shown['value']:.4f}{error} (n={shown['n']})")
     return TaskScores(scores)
 
 
