@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Callable
 
+from workbench.core import files
 from workbench.core.config import TaskSpec
 from workbench.core.errors import WorkbenchError
+from workbench.sources.data import FINETUNE_DIR
 
 LM_EVAL_PIN = "lm-eval==0.4.13"
-TASKS_DIR = Path(str(files("workbench") / "datasets" / "tasks"))
-FINETUNE_DIR = Path(str(files("workbench") / "datasets" / "finetune"))
+TASKS_DIR = FINETUNE_DIR.parent / "tasks"
 OFFLINE = {
     "wb_lastword": (
         TASKS_DIR / "lastword.jsonl",
@@ -140,6 +139,11 @@ def _data_sha(spec: TaskSpec) -> str | None:
 # ---------------------------------------------------------------------------- task configs
 
 
+def _mean_of(metric: str, **options) -> list[dict]:
+    """lm-eval's `metric_list` for one metric averaged over documents (its standard error in closed form)."""
+    return [{"metric": metric, "aggregation": "mean", "higher_is_better": True, **options}]
+
+
 def _json_task(name: str, path: Path, **config) -> dict:
     return {
         "task": name,
@@ -176,7 +180,7 @@ def offline_task_config(name: str) -> dict:
                     ],
                 }
             ],
-            metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            metric_list=_mean_of("exact_match"),
         )
     return _json_task(
         name,
@@ -184,7 +188,7 @@ def offline_task_config(name: str) -> dict:
         output_type="loglikelihood",
         doc_to_text="{{context}}",
         doc_to_target="{{target}}",
-        metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        metric_list=_mean_of("acc"),
     )
 
 
@@ -213,7 +217,7 @@ def file_task_config(spec: TaskSpec) -> dict:
             doc_to_text="Question: {{question}}\nAnswer:",
             doc_to_choice="{{choices}}",
             doc_to_target="{{answer}}",
-            metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            metric_list=_mean_of("acc"),
         )
     return _json_task(
         spec.name,
@@ -223,7 +227,7 @@ def file_task_config(spec: TaskSpec) -> dict:
         doc_to_target="{{answer}}",
         target_delimiter=" ",
         generation_kwargs={"until": ["\n"], "do_sample": False, "max_gen_toks": 64},
-        metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True}],
+        metric_list=_mean_of("exact_match", ignore_case=True),
     )
 
 
@@ -266,9 +270,7 @@ def _normalized_choices(path: Path, rows: list[dict]) -> Path:
     out = cache_dir() / "tasks" / f"{path.stem}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(out.name + f".{os.getpid()}.partial")
-        partial.write_text(text, encoding="utf-8")
-        partial.rename(out)
+        files.write_text(out, text)
     return out
 
 
