@@ -4,6 +4,7 @@ ClaimsPanel redrawn after every Compare."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,24 @@ def test_minimal_degradation_holds_and_fails_at_the_stated_bar():
     assert row(over, "bnb-int8")["verdict"] == claims.FAILS
 
 
+def with_tasks(r: Result, accuracy: float) -> Result:
+    return replace(r, tasks={"wb_lastword": {"metric": "acc", "value": accuracy, "stderr": 0.02, "n": 500}})
+
+
+def test_the_accuracy_claim_compares_task_scores_at_the_stated_bar():
+    accuracy = "leaderboard's average task accuracy"
+    baseline = with_tasks(FP32, 0.60)
+    just_in = with_tasks(result("bnb-nf4", 21.0), 0.60 * (1 - claims.MINIMAL_DEGRADATION_PCT / 100) + 1e-9)
+    gptq_low = with_tasks(result("gptq", 21.0), 0.50)
+    rows = claims.check([baseline, just_in, gptq_low])
+    assert row(rows, "bnb-nf4", accuracy)["verdict"] == claims.HOLDS
+    assert row(rows, "gptq:bits=4", accuracy)["verdict"] == claims.FAILS
+    assert row(rows, "gptq:bits=4", accuracy)["measured here"] == "gptq 50 vs fp32 60 % (-16.7 %), on cpu"
+    untasked = claims.check([FP32, result("bnb-nf4", 21.0)])
+    assert row(untasked, "bnb-nf4", accuracy)["verdict"] == claims.NOT_MEASURED
+    assert "--tasks" in row(untasked, "bnb-nf4", accuracy)["holds when"]
+
+
 def test_two_bit_gptq_claim_is_checked_with_two_bit_gptq_only():
     four_bit = result("gptq", 21.0, tok_s=30, load_s=50)
     rows = claims.check([FP32, four_bit, result("quanto-int2", 5000.0, bits=2)])
@@ -115,7 +134,7 @@ def test_not_measured_asks_only_for_what_is_missing():
         result("gptq", 21.0),
         result("gptq", 60.0, params={"bits": 2}, bits=2),
     ]
-    rows = claims.check(everything)
+    rows = claims.check([with_tasks(r, 0.5) for r in everything])
     assert all(r["verdict"] != claims.NOT_MEASURED for r in rows)
 
 
