@@ -56,7 +56,7 @@ TEST_WORKERS ?= 3
 test: setup $(WIDGETS7)/.installed
 	OMP_WAIT_POLICY=PASSIVE \
 	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 WB_STEPS=4 WB_DEPLOY=rtn \
-		WB_MAP_TOKENS=32 WB_MAP_BLOCKS=29 WB_SWEEP=rtn:bits=3,4 WB_GGUF_TYPES=Q4_K_M WB_ALSO=bnb-nf4 WB_TASKS=wb_lastword:limit=20 \
+		WB_MAP_TOKENS=32 WB_MAP_BLOCKS=29 WB_SWEEP=rtn:bits=3,4 WB_GGUF_TYPES=Q4_K_M WB_ALSO=bnb-nf4 WB_TASKS=wb_lastword:limit=20 WB_DEPLOY_TASKS=wb_heldout:limit=5 \
 		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 
 # The notebooks in JupyterLab, driven by headless Chromium (Debian's package: apt-get install -y chromium).

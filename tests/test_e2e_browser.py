@@ -48,6 +48,7 @@ KERNEL_ENV = {
     "WB_GGUF_TYPES": "Q4_K_M",
     "WB_ALSO": "bnb-nf4",
     "WB_TASKS": "wb_lastword:limit=20",
+    "WB_DEPLOY_TASKS": "wb_heldout:limit=5",
 }  # 05: a short map, a sweep of rows it measured
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 

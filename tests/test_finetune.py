@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from workbench import finetune as ft
 from workbench.core.errors import WorkbenchError
+from workbench.metrics import tasks
 from workbench.run import results
+from workbench.run.session import Session
 from workbench.sources import data, models
 
 
@@ -189,11 +192,16 @@ def test_tiny_pipeline_reloads_merges_and_deploys(tmp_path, tiny_source, tiny_se
     record = json.loads(Path(merge.merged_dir, ft.MERGED_FROM_FILE).read_text())
     # The base model is recorded (a .gguf base is the template of the merged folder's GGUF; this one has none).
     assert record["model"] == {"label": tiny_source.label, "location": tiny_source.location, "gguf": ""}
-    rows = ft.deploy_compare(tiny_session, merge.merged_dir, methods=("rtn",), log=lambda _: None)
-    # a comparison measures its full-precision reference first unless its distributions are recorded (KL)
-    rows = [r for r in rows if r.method != "fp32"]
-    assert [r.label for r in rows] == ["bnb-nf4+lora", "merged rtn"] and [r.method for r in rows] == ["bnb-nf4", "rtn"]
+    with_task = Session.from_source(
+        tiny_session.source, "cpu", replace(tiny_session.eval, tasks=tasks.parse("wb_heldout:limit=3"))
+    )
+    rows = ft.deploy_compare(with_task, merge.merged_dir, methods=("rtn",), log=lambda _: None)
+    # the base's comparison measures its full-precision reference first unless its distributions are recorded (KL)
+    rows = rows[1:] if rows[0].label == "fp32" else rows
+    assert [r.label for r in rows] == ["bnb-nf4", "bnb-nf4+lora", "merged fp32", "merged rtn"]
     assert all(r.error is None and r.ppl and math.isfinite(r.ppl) for r in rows), [r.error for r in rows]
-    assert rows[0].protocol["n_tokens"] == rows[1].protocol["n_tokens"] and rows[1].kl_mean > 0
+    assert len({r.protocol["n_tokens"] for r in rows}) == 1 and rows[-1].kl_mean > 0 and rows[2].kl_mean == 0
+    # the held-out questions as a task on every row: base, trained, merged and re-quantized
+    assert all(r.tasks["wb_heldout"]["n"] == 3 for r in rows), [r.tasks for r in rows]
     table = results.format_table(rows)
-    assert "bnb-nf4+lora" in table and "merged rtn" in table
+    assert "bnb-nf4+lora" in table and "merged rtn" in table and "wb_heldout" in table

@@ -141,8 +141,9 @@ def test_merge_then_deploy_with_rtn_shows_adapter_and_deployed_rows(model, tmp_p
     panel.deploy_button.click()
     assert panel.deploy_job.wait(900) == "done", panel.deploy_job.error
     assert panel.deploy_job.states == ["idle", "running", "done"]
-    rows = [r for r in panel.results if r.method != "fp32"]  # fp32 references come first unless recorded (KL)
-    assert [r.label for r in rows] == ["bnb-nf4+lora", "merged rtn"] and rows[0].adapter == str(tuned.adapter_dir)
+    rows = panel.results[1:] if panel.results[0].label == "fp32" else panel.results  # the base's reference (KL)
+    assert [r.label for r in rows] == ["bnb-nf4", "bnb-nf4+lora", "merged fp32", "merged rtn"]
+    assert rows[1].adapter == str(tuned.adapter_dir)
     assert all(r.error is None and r.ppl > 1 for r in panel.results)
     for text in ("bnb-nf4+lora", "merged rtn", "perplexity", "tokens scored"):
         assert text in panel.table.value

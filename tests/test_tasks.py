@@ -147,6 +147,38 @@ def test_your_own_questions_give_accuracy_with_its_standard_error_per_method(tin
     assert "file_example_questions acc %" in capsys.readouterr().out
 
 
+PERPLEXITY_TASK = """task: mine
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+"""
+
+
+@pytest.mark.model
+def test_a_bootstrapped_standard_error_is_computed_inside_a_worker(tiny_folder, tmp_path):
+    """lm-eval bootstraps perplexity's standard error in a process pool, which a worker (a daemonic
+    process) cannot start: there it is computed in the worker itself."""
+    passages = tasks.OFFLINE["wb_lastword"][0].read_text().splitlines()[:30]
+    (tmp_path / "passages.jsonl").write_text("\n".join(passages) + "\n")
+    task = tmp_path / "mine.yaml"
+    task.write_text(PERPLEXITY_TASK.format(data=tmp_path / "passages.jsonl"))
+    args = ["--model", str(tiny_folder), "--methods", "fp32", "--max-tokens", "128", "--decode-tokens", "0"]
+    assert main(["compare", *args, "--tasks-file", f"{task}", "--out", str(tmp_path / "out")]) == 0
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert row["error"] is None
+    score = row["tasks"]["file_mine"]
+    assert score["metric"] == "perplexity" and score["n"] == 30 and score["stderr"] > 0
+
+
 @pytest.mark.model
 def test_lm_eval_run_directly_gives_the_rows_number(bundled_source):
     import lm_eval

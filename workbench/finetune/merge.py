@@ -171,9 +171,11 @@ def merge_to_dequantized(
 def deploy_compare(
     session, merged_folder, methods: tuple[str, ...] = ("gptq",), adapter_dir=None, log=print, executor=None
 ) -> list:
-    """Results for the trained model (quantized base + adapter) and the merged model quantized by
-    each method, measured under the session's protocol like every comparison (`compare.compare`:
-    a fresh worker per row by default): `results.format_table(...)` shows them."""
+    """The fine-tuning story as rows measured under the session's protocol like every comparison
+    (`compare.compare`: a fresh worker per row by default): the quantized base before training,
+    the trained model (base + adapter), the merged model in full precision, and the merged model
+    quantized by each method. With tasks in the protocol each row gets its accuracy too.
+    `results.format_table(...)` shows them."""
     from workbench.core.config import ModelSpec
     from workbench.run import runner
     from workbench.run.compare import compare
@@ -185,8 +187,12 @@ def deploy_compare(
         str(merged_folder), device=session.device, trust_remote_code=session.source.trust_remote_code
     )
     merged = runner.Session.open(merged_spec, session.eval, log)
-    rows = compare(session, [adapter_choice(adapter_dir)], log=log, executor=executor)
-    deployed = compare(merged, list(methods), log=log, executor=executor)
+    trained = adapter_choice(adapter_dir)
+    rows = compare(session, [saved_config(adapter_dir).base, trained], log=log, executor=executor)
+    full_precision = merged.reference_method()
+    deployed = compare(
+        merged, [full_precision, *(m for m in methods if m != full_precision)], log=log, executor=executor
+    )
     return rows + [replace(result, label=f"merged {result.label}") for result in deployed]
 
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -320,19 +323,20 @@ def run(model, tokenizer, specs: tuple[TaskSpec, ...], batch_size: int, log: Cal
         else:
             task = spec.name
         try:
-            out = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=[task],
-                num_fewshot=spec.num_fewshot,
-                limit=spec.limit,
-                task_manager=manager,
-                apply_chat_template=spec.name == "wb_heldout" and bool(getattr(tokenizer, "chat_template", None)),
-                verbosity="ERROR",
-                random_seed=0,
-                numpy_random_seed=0,
-                torch_random_seed=0,
-                fewshot_random_seed=0,
-            )
+            with _bootstrap_without_a_pool():
+                out = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=[task],
+                    num_fewshot=spec.num_fewshot,
+                    limit=spec.limit,
+                    task_manager=manager,
+                    apply_chat_template=spec.name == "wb_heldout" and bool(getattr(tokenizer, "chat_template", None)),
+                    verbosity="ERROR",
+                    random_seed=0,
+                    numpy_random_seed=0,
+                    torch_random_seed=0,
+                    fewshot_random_seed=0,
+                )
         except (ConnectionError, OSError) as exc:
             raise WorkbenchError(
                 f"tasks: {spec.name}'s dataset cannot be reached from here ({type(exc).__name__}: "
@@ -343,6 +347,25 @@ def run(model, tokenizer, specs: tuple[TaskSpec, ...], batch_size: int, log: Cal
         error = f" ± {shown['stderr']:.4f}" if shown["stderr"] is not None else " (no standard error)"
         log(f"[tasks] {spec.name}: {shown['metric']} {shown['value']:.4f}{error} (n={shown['n']})")
     return TaskScores(scores)
+
+
+@contextmanager
+def _bootstrap_without_a_pool():
+    """In a worker (a daemonic process, which may not start children) lm-eval bootstraps the
+    standard errors of metrics like perplexity in this process instead of a process pool
+    (its `DISABLE_MULTIPROC`); set only for the call, and only there."""
+    if not multiprocessing.current_process().daemon:
+        yield
+        return
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
 
 
 def main_metric(out: dict, spec: TaskSpec) -> dict:
