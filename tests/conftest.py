@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem, report, sched):
+    """A pytest worker that dies cannot say why: the failure gets the kernel's last words about
+    killed or crashed processes (the OOM killer, a segfault) and the memory the machine had left."""
+    report.longrepr = f"{report.longrepr}\n{why_processes_died()}"
+
+
+def why_processes_died() -> str:
+    import re
+    import subprocess
+
+    try:
+        kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError) as exc:
+        kernel = [f"(dmesg could not be read: {exc})"]
+    said = [line for line in kernel if re.search(r"killed process|out of memory|segfault|oom-kill|dmesg", line, re.I)]
+    meminfo = Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []
+    left = [line for line in meminfo if line.startswith(("MemTotal", "MemAvailable"))]
+    return "\n".join(["kernel log about killed processes:", *(said[-8:] or ["(nothing)"]), *left])
 
 
 @pytest.fixture(scope="session")
