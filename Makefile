@@ -72,6 +72,7 @@ bench: setup
 	$(PY) bench/notebook_times.py
 	$(PY) bench/gguf_mix.py
 	$(PY) bench/task_accuracy.py
+	$(PY) bench/registry_time.py
 
 clean:
 	rm -rf results artifacts .pytest_cache $(WIDGETS7) notebooks/results notebooks/logs logs

@@ -31,6 +31,16 @@ def test_methods_json_lists_every_method_with_availability(capsys):
     assert next(r for r in rows if r["name"] == "torchao-int4")["available"] is False
 
 
+def test_all_methods_are_every_method_that_runs_here_with_its_defaults():
+    from workbench import methods
+    from workbench.cli.compare import _choose_methods
+
+    chosen, left_out = _choose_methods("all", "cpu")
+    runs_here = [m.name for m, reason in methods.available("cpu") if reason is None]
+    assert [c.text for c in chosen] == [methods.parse(name).text for name in runs_here] and len(chosen) > 10
+    assert any(line.startswith("torchao-int4: runs on cuda only") for line in left_out)
+
+
 def test_compare_writes_results_and_goes_on_after_a_failure(capsys, tiny_folder, tmp_path):
     out_dir = tmp_path / "out"
     code, out, err = run(

@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated: name or name:key=value:... (default: {','.join(DEFAULT_METHODS)}, those available here)",
+        help=f"comma-separated: name or name:key=value:..., or all (every method that runs here; default: "
+        f"{','.join(DEFAULT_METHODS)}, those available here)",
     )
     _add_measuring_options(cmp)
     cmp.set_defaults(run=compare_command)

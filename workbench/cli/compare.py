@@ -256,7 +256,14 @@ def _check_writable(out: Path) -> None:
 def _choose_methods(text: str | None, device: str) -> tuple[list, list[str]]:
     """The methods to run, parsed and validated before any work (a typo is an error, not a
     failed row after an hour of measuring), and for the default set a line for each method
-    left out and why. A choice named twice is measured once."""
+    left out and why. A choice named twice is measured once. `all`: every method that runs
+    here, with its default settings."""
+    if text and text.strip() == "all":
+        available = methods.available(device)
+        return (
+            [methods.parse(method.name) for method, reason in available if reason is None],
+            [f"{method.name}: {reason}" for method, reason in available if reason],
+        )
     if text:
         choices = []
         for item in (c.strip() for c in text.split(",")):

@@ -1,0 +1,80 @@
+"""Benchmark: every method of the registry on the bundled model, as a user runs it (issue 24, goal:
+the whole command in under 10 minutes on 2 idle cores).
+
+Runs `python -m workbench compare --model bundled --methods all` (the CLI's own defaults: 4,096
+evaluation tokens, 32 decoded tokens, each method in a fresh worker) with an empty workbench cache,
+so it pays what a first run pays: the full-precision reference, the F32 GGUF that the llama.cpp rows
+start from, the sensitivity map of `mixed` and `gguf-map`. The bundled model's fp32 copy stays where
+`make setup` put it. Prints each method's build seconds (load, quantize, warm-up) and measure seconds
+(perplexity, KL, decoding), their sum against the whole command's wall time, and the total against
+the goal.
+Run: .venv/bin/python bench/registry_time.py [--methods all] [--max-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import record
+
+GOAL_S = 600
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="all")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default: the CLI's own (4096)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="registry-time-") as scratch:
+        out, cache = Path(scratch) / "out", Path(scratch) / "cache"
+        cache.mkdir()
+        for kept in ("smollm2-135m-instruct-fp32",):  # what `make setup` made once per machine
+            home = Path.home() / ".cache" / "quantization-workbench" / kept
+            if home.is_dir():
+                (cache / kept).symlink_to(home)
+        command = [sys.executable, "-m", "workbench", "compare", "--model", "bundled", "--methods", args.methods]
+        command += ["--out", str(out)] + (["--max-tokens", str(args.max_tokens)] if args.max_tokens else [])
+        started = time.perf_counter()
+        done = subprocess.run(command, env={**os.environ, "WORKBENCH_CACHE": str(cache)})
+        wall = time.perf_counter() - started
+        rows = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
+    if not rows:
+        raise SystemExit(f"compare wrote no results (exit status {done.returncode})")
+
+    details, build, measure = [], 0.0, 0.0
+    print(f"\n{'method':32s} {'build s':>8s} {'measure s':>9s}  ppl")
+    for row in rows:
+        built, measured = row.get("load_s") or 0.0, row.get("eval_s") or 0.0
+        build, measure = build + built, measure + measured
+        ppl = f"{row['ppl']:.2f}" if row.get("ppl") else f"error: {(row.get('error') or '')[:60]}"
+        print(f"{row['label']:32s} {built:8.1f} {measured:9.1f}  {ppl}")
+        details.append(
+            {"method": row["label"], "build (s)": round(built, 1), "measure (s)": round(measured, 1), "ppl": ppl}
+        )
+    failed = [row["label"] for row in rows if row.get("error")]
+    print(f"\nbuild {build:.0f} s + measure {measure:.0f} s; the whole command {wall:.0f} s (goal {GOAL_S} s)")
+    summary = {
+        "whole command (s)": record.goal(round(wall), f"<= {GOAL_S}"),
+        "build, all methods (s)": round(build),
+        "measure, all methods (s)": round(measure),
+        "methods measured": len(rows) - len(failed),
+        "methods failed": len(failed),
+    }
+    notes = [
+        f"`python -m workbench compare --model bundled --methods {args.methods}`, an empty workbench cache, "
+        "each method in a fresh worker",
+        "the rest of the whole command: starting a worker per method, the evaluation text, writing results",
+    ] + ([f"failed: {', '.join(failed)}"] if failed else [])
+    record.save("registry_time", summary, details, notes)
+
+
+if __name__ == "__main__":
+    main()
