@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workbench.sources import models
+
 import record
 
 GOAL_S = 600
@@ -36,10 +38,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="registry-time-") as scratch:
         out, cache = Path(scratch) / "out", Path(scratch) / "cache"
         cache.mkdir()
-        for kept in ("smollm2-135m-instruct-fp32",):  # what `make setup` made once per machine
-            home = Path.home() / ".cache" / "quantization-workbench" / kept
-            if home.is_dir():
-                (cache / kept).symlink_to(home)
+        bundled = Path(models.resolve("bundled").location)  # its fp32 copy: made once per machine by `make setup`
+        (cache / bundled.name).symlink_to(bundled)
         command = [sys.executable, "-m", "workbench", "compare", "--model", "bundled", "--methods", args.methods]
         command += ["--out", str(out)] + (["--max-tokens", str(args.max_tokens)] if args.max_tokens else [])
         started = time.perf_counter()

@@ -66,9 +66,9 @@ def why_processes_died() -> str:
 
     try:
         kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+        said = [line for line in kernel if re.search(r"killed process|out of memory|segfault|oom-kill", line, re.I)]
     except (OSError, subprocess.SubprocessError) as exc:
-        kernel = [f"(dmesg could not be read: {exc})"]
-    said = [line for line in kernel if re.search(r"killed process|out of memory|segfault|oom-kill|dmesg", line, re.I)]
+        said = [f"(dmesg could not be read: {exc})"]
     meminfo = Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []
     left = [line for line in meminfo if line.startswith(("MemTotal", "MemAvailable"))]
     return "\n".join(["kernel log about killed processes:", *(said[-8:] or ["(nothing)"]), *left])

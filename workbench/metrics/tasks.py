@@ -21,10 +21,11 @@ import json
 import multiprocessing
 import os
 import re
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from unittest.mock import patch
 
 from workbench.core import files
 from workbench.core.config import TaskSpec
@@ -349,23 +350,13 @@ def run(model, tokenizer, specs: tuple[TaskSpec, ...], batch_size: int, log: Cal
     return TaskScores(scores)
 
 
-@contextmanager
 def _bootstrap_without_a_pool():
     """In a worker (a daemonic process, which may not start children) lm-eval bootstraps the
     standard errors of metrics like perplexity in this process instead of a process pool
     (its `DISABLE_MULTIPROC`); set only for the call, and only there."""
-    if not multiprocessing.current_process().daemon:
-        yield
-        return
-    before = os.environ.get("DISABLE_MULTIPROC")
-    os.environ["DISABLE_MULTIPROC"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["DISABLE_MULTIPROC"]
-        else:
-            os.environ["DISABLE_MULTIPROC"] = before
+    if multiprocessing.current_process().daemon:
+        return patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"})
+    return nullcontext()
 
 
 def main_metric(out: dict, spec: TaskSpec) -> dict:
