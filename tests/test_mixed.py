@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,35 +80,65 @@ def test_plan_errors_say_what_to_do():
 
 
 def test_mixed_method_puts_the_planned_bits_in_the_real_checkpoint(tiny_session, tmp_path, monkeypatch):
-    """Through gptqmodel's RTN with `dynamic`: the 8-bit block's packed weights are 8/3 as tall."""
+    """Through gptqmodel's RTN with `dynamic`: the 8-bit block's packed weights are 8/3 as tall.
+    Built in a fresh process, as `compare` builds it: twice in CI a pytest worker that had loaded
+    other quantization libraries before died while it ran this build in-process."""
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))  # the map and plan go to a fresh cache
     budget = (RTN64(3) + RTN64(8)) / 2
     choice = f"mixed:widths=3,8:budget_bits={budget}:map_tokens=64"
-    with runner.build(tiny_session, choice, log=lambda m: None) as built:
-        plan = json.loads((built.workdir / PLAN_FILE).read_text())["plan"]
-        eight = [int(u["name"].split()[1]) for u, b in zip(plan["units"], plan["bits"]) if b == 8]
-        config = json.loads((built.workdir / "quantize_config.json").read_text())
-        with safe_open(str(next(built.workdir.glob("*.safetensors"))), "pt") as f:
-            heights = {b: f.get_slice(f"model.layers.{b}.mlp.down_proj.qweight").get_shape()[0] for b in (0, 1)}
-        measured = runner.measure(tiny_session, built, log=lambda m: None)
-        dtype = built.model.get_input_embeddings().weight.dtype
-        layers = dict(built.model.named_modules())
-        with torch.inference_mode():
-            used = {b: layers[f"model.layers.{b}.mlp.down_proj"](torch.eye(256)).T for b in (0, 1)}
-        scales = layers["model.layers.0.mlp.down_proj"].scales.dtype
-    assert scales == torch.float16  # stored as rtn stores them
-    assert dtype == torch.float32  # reloaded in the compute dtype, like rtn (gptqmodel's default is bf16)
+    script = "import sys; sys.path.insert(0, sys.argv[1]); from test_mixed import inspect_build; inspect_build(*sys.argv[2:])"
+    tests = str(Path(__file__).resolve().parent)
+    args = [sys.executable, "-X", "faulthandler", "-c", script, tests, str(tiny_session.source.location), choice]
+    child = subprocess.run([*args, str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr[-3000:]}"
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    used = torch.load(tmp_path / "used.pt")
+    eight = seen["eight"]
+    assert seen["scales"] == "torch.float16"  # stored as rtn stores them
+    assert seen["dtype"] == "torch.float32"  # reloaded in the compute dtype, like rtn (gptqmodel's default is bf16)
     original = dict(models.load_model(tiny_session.source, "cpu").named_modules())
     for b in (0, 1):  # the reloaded layers multiply by the planned-width RTN weights (rtol: the product
         # of scale and code is taken in fp32 here, in fp16 by rtn's transformers reload: half an fp16 step)
         expected = gptq.rtn_dequantized(original[f"model.layers.{b}.mlp.down_proj"].weight, 8 if b in eight else 3, 64)
         torch.testing.assert_close(used[b], expected, atol=1e-6, rtol=1e-3)
-    assert len(eight) == 1 and config["bits"] == 3 and len(config["dynamic"]) == 7
+    heights = {int(b): h for b, h in seen["heights"].items()}
+    assert len(eight) == 1 and seen["config_bits"] == 3 and seen["dynamic"] == 7
     assert heights[eight[0]] == 256 * 8 // 32 and heights[1 - eight[0]] == 256 * 3 // 32
-    assert measured.perplexity.ppl > 1 and list((tmp_path / "sensitivity" / "plans").glob("*.json"))
-    chosen = built.details["layer_bits"]  # kept with the result, shown on demand
+    assert seen["ppl"] > 1 and list((tmp_path / "sensitivity" / "plans").glob("*.json"))
+    chosen = seen["layer_bits"]  # kept with the result, shown on demand
     assert chosen["model.layers.0.mlp.down_proj"] == (8 if 0 in eight else 3) and len(chosen) == 14
-    assert "model.layers.1.mlp.down_proj: " in results.format_details([_result_with(built.details)])
+    assert "model.layers.1.mlp.down_proj: " in seen["details_text"]
+
+
+def inspect_build(folder: str, choice: str, out: str) -> None:
+    """Build `choice` on the tiny model in this process; write what the checkpoint test reads to `out`."""
+    from workbench.core.config import EvalConfig, ModelSpec
+
+    session = runner.Session.open(
+        ModelSpec(folder, device="cpu"), EvalConfig(max_length=128, stride=128, max_tokens=512, decode_tokens=8)
+    )
+    with runner.build(session, choice, log=lambda m: None) as built:
+        plan = json.loads((built.workdir / PLAN_FILE).read_text())["plan"]
+        config = json.loads((built.workdir / "quantize_config.json").read_text())
+        with safe_open(str(next(built.workdir.glob("*.safetensors"))), "pt") as f:
+            heights = {b: f.get_slice(f"model.layers.{b}.mlp.down_proj.qweight").get_shape()[0] for b in (0, 1)}
+        measured = runner.measure(session, built, log=lambda m: None)
+        layers = dict(built.model.named_modules())
+        with torch.inference_mode():
+            used = {b: layers[f"model.layers.{b}.mlp.down_proj"](torch.eye(256)).T for b in (0, 1)}
+        seen = {
+            "eight": [int(u["name"].split()[1]) for u, b in zip(plan["units"], plan["bits"]) if b == 8],
+            "config_bits": config["bits"],
+            "dynamic": len(config["dynamic"]),
+            "heights": heights,
+            "ppl": measured.perplexity.ppl,
+            "dtype": str(built.model.get_input_embeddings().weight.dtype),
+            "scales": str(layers["model.layers.0.mlp.down_proj"].scales.dtype),
+            "layer_bits": built.details["layer_bits"],
+            "details_text": results.format_details([_result_with(built.details)]),
+        }
+    torch.save(used, Path(out) / "used.pt")
+    (Path(out) / "seen.json").write_text(json.dumps(seen))
 
 
 def _result_with(details: dict) -> results.Result:
