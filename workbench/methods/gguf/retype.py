@@ -17,13 +17,6 @@ GUESSED_FILE_TYPE = 1024
 """llama.cpp's `LLAMA_FTYPE_GUESSED`: what a file of per-tensor types of our own calls itself."""
 
 
-def tensor_types(path: Path) -> dict:
-    """GGUF tensor name -> its ggml type, as written in `path`."""
-    from gguf import GGUFReader
-
-    return {tensor.name: tensor.tensor_type for tensor in GGUFReader(path).tensors}
-
-
 def write(template: Path, f32: Path, out: Path, types: dict | None = None, importance=None, log=print) -> None:
     """`out`: `template`'s metadata and tensor order; each tensor quantized from `f32` by ggml to
     `types[name]` (default: the template's type), weighted by `importance` (an `imatrix.Importance`)."""
