@@ -49,12 +49,14 @@ format: setup
 	$(PY) -m ruff format $(LINTED)
 
 # Three pytest workers, one test file each at a time (longest first: tests/conftest.py): waits for
-# worker processes, kernels and Ray leave a core idle otherwise. Torch's OpenMP threads sleep while
-# they wait instead of spinning (OMP_WAIT_POLICY=PASSIVE), so the workers share the cores.
+# worker processes, kernels and Ray leave a core idle otherwise. Each process computes on one thread
+# (OMP_NUM_THREADS=1): three processes of two threads on two cores waited on each other's threads
+# (back to back: 22:55 with two threads, 20:55 with one, half a minute of it a sensitivity map the
+# second run found cached), and idle threads sleep (PASSIVE).
 TEST_WORKERS ?= 3
 
 test: setup $(WIDGETS7)/.installed
-	OMP_WAIT_POLICY=PASSIVE \
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
 	WB_METHODS=fp32,bnb-int8,bnb-nf4 WB_EVAL_TOKENS=256 WB_NEW_TOKENS=8 WB_STEPS=4 WB_DEPLOY=rtn \
 		WB_MAP_TOKENS=32 WB_MAP_BLOCKS=29 WB_SWEEP=rtn:bits=3,4 WB_GGUF_TYPES=Q4_K_M WB_ALSO=bnb-nf4 WB_TASKS=wb_lastword:limit=20 WB_DEPLOY_TASKS=wb_heldout:limit=5 \
 		$(PY) -m pytest tests notebooks -m 'not e2e' --nbval-lax --nbval-current-env -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30

@@ -7,7 +7,8 @@ so it pays what a first run pays: the full-precision reference, the F32 GGUF tha
 start from, the sensitivity map of `mixed` and `gguf-map`. The bundled model's fp32 copy stays where
 `make setup` put it. Prints each method's build seconds (load, quantize, warm-up) and measure seconds
 (perplexity, KL, decoding), their sum against the whole command's wall time, and the total against
-the goal.
+the goal; and each row's perplexity as a ratio to fp32's, with the effects tests/test_real_model.py
+leaves to this bench (8-bit round-to-nearest within 2 %, 2-bit collapsing).
 Run: .venv/bin/python bench/registry_time.py [--methods all] [--max-tokens N]
 """
 
@@ -27,6 +28,11 @@ from workbench.sources import models
 import record
 
 GOAL_S = 600
+EFFECTS = {  # perplexity / fp32's: what a learner should see on this model
+    "quanto-int8": "<= 1.02",
+    "torchao-int8": "<= 1.02",
+    "quanto-int2": ">= 10",
+}
 
 
 def main() -> None:
@@ -50,14 +56,22 @@ def main() -> None:
         raise SystemExit(f"compare wrote no results (exit status {done.returncode})")
 
     details, build, measure = [], 0.0, 0.0
-    print(f"\n{'method':32s} {'build s':>8s} {'measure s':>9s}  ppl")
+    fp32 = next((row["ppl"] for row in rows if row["label"] == "fp32" and row.get("ppl")), None)
+    print(f"\n{'method':32s} {'build s':>8s} {'measure s':>9s}  ppl    x fp32")
     for row in rows:
         built, measured = row.get("load_s") or 0.0, row.get("eval_s") or 0.0
         build, measure = build + built, measure + measured
         ppl = f"{row['ppl']:.2f}" if row.get("ppl") else f"error: {(row.get('error') or '')[:60]}"
-        print(f"{row['label']:32s} {built:8.1f} {measured:9.1f}  {ppl}")
+        ratio = round(row["ppl"] / fp32, 3) if fp32 and row.get("ppl") else None
+        print(f"{row['label']:32s} {built:8.1f} {measured:9.1f}  {ppl:6s} {ratio or ''}")
         details.append(
-            {"method": row["label"], "build (s)": round(built, 1), "measure (s)": round(measured, 1), "ppl": ppl}
+            {
+                "method": row["label"],
+                "build (s)": round(built, 1),
+                "measure (s)": round(measured, 1),
+                "ppl": ppl,
+                "ppl / fp32 (x)": ratio,
+            }
         )
     failed = [row["label"] for row in rows if row.get("error")]
     print(f"\nbuild {build:.0f} s + measure {measure:.0f} s; the whole command {wall:.0f} s (goal {GOAL_S} s)")
@@ -68,6 +82,9 @@ def main() -> None:
         "methods measured": len(rows) - len(failed),
         "methods failed": len(failed),
     }
+    for row in details:
+        if row["method"] in EFFECTS and row["ppl / fp32 (x)"] is not None:
+            summary[f"{row['method']} ppl / fp32 (x)"] = record.goal(row["ppl / fp32 (x)"], EFFECTS[row["method"]])
     notes = [
         f"`python -m workbench compare --model bundled --methods {args.methods}`, an empty workbench cache, "
         "each method in a fresh worker",

@@ -1,14 +1,14 @@
 """The effects a learner comes to see, measured on the real offline model (SmolLM2-135M).
 
-All methods are run once on the same 1,024 evaluation tokens (two windows of 512), each in its own
-worker process as `compare` runs them, and the checks compare them. Takes about 4 minutes on 2 idle
-CPU cores, 1.5 of them GPTQ (on 4 calibration blocks, for time); quanto's 2-bit kernel compiles on
-its first use on a machine (30 s).
+The seed's story (fp32, LLM.int8, NF4 with and without double quantization, FP4, GPTQ against
+round-to-nearest) is run once on the same 1,024 evaluation tokens (two windows of 512), each method
+in its own worker process as `compare` runs them, and the checks compare them. About 2.5 minutes on
+2 idle CPU cores, half of them GPTQ (on 4 calibration blocks, for time). The other methods' effects
+on this model (quanto and torchao 8-bit within 2 %, 2-bit collapsing, HQQ) are printed as ratios to
+fp32 by bench/registry_time.py; their mechanics are tested on a tiny model (tests/test_methods.py).
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 
@@ -18,22 +18,10 @@ from workbench.run import estimate, runner
 from workbench.run.compare import compare
 from workbench.sources import models
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the first test builds all methods: 4 min on 2 idle cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the first test builds all methods: 2.5 min on 2 idle cores
 
 GPTQ = "gptq:samples=4"  # 4 calibration blocks instead of 16, for time: perplexity 15.8 (fp32 14.1, rtn 20.3)
-METHODS = [
-    "fp32",
-    "bnb-int8",
-    "quanto-int8",
-    "torchao-int8",
-    "bnb-nf4",
-    "bnb-nf4:double_quant=false",
-    "bnb-fp4",
-    "quanto-int2",
-    "hqq",
-    "rtn",
-    GPTQ,
-]
+METHODS = ["fp32", "bnb-int8", "bnb-nf4", "bnb-nf4:double_quant=false", "bnb-fp4", "rtn", GPTQ]
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +61,6 @@ def test_fp32_baseline_is_a_working_language_model(ppl):
     assert 8 < ppl["fp32"] < 30  # measured 14.1; a broken load gives thousands
 
 
-@pytest.mark.parametrize("method", ["quanto-int8", "torchao-int8"])
-def test_8bit_round_to_nearest_is_within_2_percent(ppl, method):
-    assert ppl[method] <= ppl["fp32"] * 1.02
-
-
 def test_llm_int8_is_close_to_fp32(ppl):
     # Measured +1.9% here (+2.4% on 4096 tokens): on CPU bitsandbytes casts activations to fp16
     # and the outlier threshold decides which features stay in 16-bit.
@@ -90,11 +73,7 @@ def test_nf4_beats_fp4(ppl):
 
 @pytest.mark.parametrize("four_bit", ["bnb-nf4", "bnb-fp4", "rtn", "gptq"])
 def test_4bit_is_worse_than_8bit(ppl, four_bit):
-    assert ppl[four_bit] > max(ppl["bnb-int8"], ppl["quanto-int8"])
-
-
-def test_2bit_round_to_nearest_collapses(ppl):
-    assert ppl["quanto-int2"] > 10 * ppl["fp32"] or not math.isfinite(ppl["quanto-int2"])
+    assert ppl[four_bit] > ppl["bnb-int8"]
 
 
 def test_gptq_beats_round_to_nearest_at_the_same_bits_and_group(ppl):
