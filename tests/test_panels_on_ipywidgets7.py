@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WIDGETS7 = ROOT / ".widgets7"
 PANEL_TESTS = ("tests/test_panels.py", "tests/test_sensitivity_panel.py")
 
+pytestmark = pytest.mark.model  # the panel tests load models: `make test`'s, not `make check`'s (63 s)
+
 
 def test_the_panels_pass_on_ipywidgets_7_7_1():
     if not (WIDGETS7 / "ipywidgets").is_dir():
