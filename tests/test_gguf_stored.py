@@ -52,7 +52,9 @@ def test_the_header_gives_the_same_tensor_table_as_gguf_s_reader(small_gguf):
 def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     from workbench.methods.gguf import stored
 
-    other = tmp_path / "model.gguf"
+    other, empty = tmp_path / "model.gguf", tmp_path / "empty.gguf"
     other.write_bytes(b"not a gguf file at all" * 10)
-    with pytest.raises(ValueError, match="not a GGUF file"):
-        stored._weights(other)
+    empty.write_bytes(b"")
+    for path in (other, empty):
+        with pytest.raises(ValueError, match="not a GGUF file"):
+            stored._weights(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import struct
 from collections import Counter
 from pathlib import Path
@@ -35,8 +36,10 @@ def _tensor_table(path: str, size: int, mtime_ns: int) -> tuple:
     by element (the tokenizer's 49,152 strings: 5 s a read on 2 cores), and none is needed here."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    with open(path, "rb") as f:
-        header = _Header(f.read(_HEADER_READ))
+    if size < 24:  # magic, version and the two counts
+        raise ValueError(f"{path} is not a GGUF file ({size} bytes)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        header = _Header(data)  # mapped: only the pages the header spans are read
         if header.read("<I") != _MAGIC:
             raise ValueError(f"{path} is not a GGUF file")
         header.read("<I")  # version
@@ -57,8 +60,6 @@ def _tensor_table(path: str, size: int, mtime_ns: int) -> tuple:
 
 
 _MAGIC = 0x46554747  # "GGUF", little-endian
-_HEADER_READ = 64 * 2**20
-"""Metadata and tensor table come first; a tokenizer's vocabulary is a few MB."""
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 """Bytes of each fixed-size GGUF value type (8 is a string, 9 an array)."""
 
@@ -66,7 +67,7 @@ _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 class _Header:
     """A cursor over the start of a GGUF file."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data):
         self.data, self.at = data, 0
 
     def read(self, fmt: str) -> int:
