@@ -94,7 +94,7 @@ def check(specs: tuple[TaskSpec, ...]) -> None:
         return
     if lm_eval_version() is None:
         raise WorkbenchError(f"--tasks needs lm-evaluation-harness: pip install {LM_EVAL_PIN}")
-    unknown = [s.name for s in specs if s.path is None and s.name not in OFFLINE]
+    unknown = [s.name for s in specs if _lm_eval_own(s)]
     if unknown:
         known = _lm_eval_task_names()
         missing = [name for name in unknown if name not in known]
@@ -108,6 +108,11 @@ def check(specs: tuple[TaskSpec, ...]) -> None:
     for spec in specs:
         if spec.path:
             file_task_config(spec)
+
+
+def _lm_eval_own(spec: TaskSpec) -> bool:
+    """A task lm-eval defines (by name), not an offline task of ours or a user's file."""
+    return spec.path is None and spec.name not in OFFLINE
 
 
 def _lm_eval_task_names() -> set[str]:
@@ -314,8 +319,7 @@ def run(model, tokenizer, specs: tuple[TaskSpec, ...], batch_size: int, log: Cal
         raise WorkbenchError("tasks: this runtime is not a transformers model; measure tasks with runtime=torch.")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # lm-eval's own task index (its thousands of YAML files: 16 s on 2 cores) only for its own tasks
-    builtin = any(spec.path is None and spec.name not in OFFLINE for spec in specs)
-    manager, scores = TaskManager(include_defaults=builtin), {}
+    manager, scores = TaskManager(include_defaults=any(map(_lm_eval_own, specs))), {}
     for spec in specs:
         log(f"[tasks] {spec.name}" + (f" (at most {spec.limit} documents)" if spec.limit else "") + "...")
         if spec.path:

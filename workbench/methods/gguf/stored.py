@@ -33,7 +33,7 @@ def _tensor_table(path: str, size: int, mtime_ns: int) -> tuple:
     """The file's tensor table, read once per file version (a row asks for it three times).
 
     Read from the header directly: gguf's GGUFReader first parses every metadata value element
-    by element (the tokenizer's 49,152 strings: 5 s a read on 2 cores), and none is needed here."""
+    by element (the tokenizer's 49,152 strings: 2.7 s a read on 2 cores), and none is needed here."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if size < 24:  # magic, version and the two counts
@@ -76,9 +76,9 @@ class _Header:
         return value
 
     def string(self) -> str:
-        length = self.read("<Q")
-        self.at += length
-        return self.data[self.at - length : self.at].decode("utf-8")
+        start = self.at + 8  # after the length
+        self.skip_string()
+        return self.data[start : self.at].decode("utf-8")
 
     def skip_string(self) -> None:
         length = self.read("<Q")  # read first: `self.at += self.read(...)` adds to the old position
