@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -53,20 +55,106 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+LAST_WORDS = "WORKBENCH_PYTEST_LAST_WORDS"
+"""The folder (set by xdist's controller, inherited by its workers) where each pytest worker keeps
+its last words: the tests it started, its memory, and Python's traceback if a fatal signal or a
+SIGTERM ends it."""
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own faulthandler plugin, which writes to stderr
+def pytest_configure(config):
+    worker = getattr(config, "workerinput", None)
+    if worker is None:
+        if config.getoption("numprocesses", None):
+            os.environ[LAST_WORDS] = tempfile.mkdtemp(prefix="workbench-pytest-")
+        return
+    if os.environ.get(LAST_WORDS):
+        _keep_last_words(Path(os.environ[LAST_WORDS]) / f"{worker['workerid']}.log")
+
+
+def _keep_last_words(path: Path) -> None:
+    global _last_words
+    import faulthandler
+    import signal
+
+    _last_words = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (open until the process ends)
+    _last_words.write(f"pid {os.getpid()}\n")
+    faulthandler.enable(_last_words, all_threads=True)  # SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT
+    faulthandler.register(signal.SIGTERM, _last_words, all_threads=True, chain=True)
+
+
+_last_words = None
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _last_words is not None:
+        _last_words.write(f"{time.strftime('%H:%M:%S')} rss {_rss_mb():,.0f} MB  {nodeid}\n")
+
+
+def _rss_mb() -> float:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem, report, sched):
-    """A pytest worker that dies cannot say why: the failure gets the kernel's last words about
-    killed or crashed processes (the OOM killer, a segfault) and the memory the machine had left."""
-    report.longrepr = f"{report.longrepr}\n{why_processes_died()}"
+    """A pytest worker that dies cannot say why: its failure gets how it ended (its exit status or
+    signal), its last words (the files it ran, a traceback if a signal ended it), the kernel's lines
+    about killed or crashed processes and the memory the machine had left."""
+    report.longrepr = "\n".join(
+        [str(report.longrepr), how_it_ended(report.node), *last_words(report.node), why_processes_died()]
+    )
+
+
+def how_it_ended(node) -> str:
+    import signal
+    import subprocess
+
+    popen = getattr(getattr(node.gateway, "_io", None), "popen", None)
+    if popen is None:
+        return "exit status: unknown (not a local process)"
+    try:
+        status = popen.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        return f"exit status: none, process {popen.pid} still runs 30 s later"
+    if status < 0:
+        return f"exit status: killed by signal {-status} ({signal.Signals(-status).name})"
+    return f"exit status: {status} (it exited: no signal)"
+
+
+def last_words(node) -> list[str]:
+    """The files the worker ran, its last tests with its memory, and what it said after them."""
+    import re
+
+    folder = os.environ.get(LAST_WORDS)
+    path = Path(folder) / f"{node.gateway.id}.log" if folder else None
+    if path is None or not path.exists():
+        return ["its last words: (none kept)"]
+    said = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    started = [i for i, line in enumerate(said) if re.match(r"\d\d:\d\d:\d\d rss ", line)]
+    files = dict.fromkeys(said[i].split("  ", 1)[1].split("::")[0] for i in started)
+    after = said[started[-1] + 1 :] if started else said
+    return [
+        f"files it ran: {', '.join(files)}",
+        "its last tests:",
+        *(said[i] for i in started[-5:]),
+        f"what it said after them ({len(after)} lines, {path}):",
+        *after[:80],
+    ]
 
 
 def why_processes_died() -> str:
     import re
     import subprocess
 
+    wanted = r"killed process|out of memory|segfault|oom-kill|traps:|general protection|invalid opcode"
     try:
-        kernel = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30).stdout.splitlines()
-        said = [line for line in kernel if re.search(r"killed process|out of memory|segfault|oom-kill", line, re.I)]
+        dmesg = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30)
+        said = [line for line in dmesg.stdout.splitlines() if re.search(wanted, line, re.I)]
+        if dmesg.returncode:
+            said.append(f"(dmesg failed, exit {dmesg.returncode}: {dmesg.stderr.strip()[:200]})")
     except (OSError, subprocess.SubprocessError) as exc:
         said = [f"(dmesg could not be read: {exc})"]
     meminfo = Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []
