@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -72,6 +73,11 @@ def pytest_configure(config):
         _keep_last_words(Path(os.environ[LAST_WORDS]) / f"{worker['workerid']}.log")
 
 
+def pytest_unconfigure(config):
+    if getattr(config, "workerinput", None) is None and os.environ.get(LAST_WORDS):
+        shutil.rmtree(os.environ.pop(LAST_WORDS), ignore_errors=True)  # what a crash report needed is printed
+
+
 def _keep_last_words(path: Path) -> None:
     global _last_words
     import faulthandler
@@ -98,14 +104,35 @@ def _rss_mb() -> float:
         return float("nan")
 
 
+CRASHED = "WORKBENCH_PYTEST_CRASHED"
+"""A file named by `make test`: when the only failures of a run are tests whose pytest worker died,
+it gets them (a notebook whole), and `make test` runs them again, alone, in a fresh process."""
+
+_crashed: list[str] = []
+_failed: set[str] = set()
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem, report, sched):
     """A pytest worker that dies cannot say why: its failure gets how it ended (its exit status or
     signal), its last words (the files it ran, a traceback if a signal ended it), the kernel's lines
     about killed or crashed processes and the memory the machine had left."""
+    _crashed.append(crashitem)
     report.longrepr = "\n".join(
         [str(report.longrepr), how_it_ended(report.node), *last_words(report.node), why_processes_died()]
     )
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _failed.add(report.nodeid)
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get(CRASHED)
+    if path and _crashed and _failed <= set(_crashed) and not hasattr(session.config, "workerinput"):
+        again = dict.fromkeys(n.split("::")[0] if n.startswith("notebooks/") else n for n in _crashed)
+        Path(path).write_text("".join(f"{nodeid}\n" for nodeid in again), encoding="utf-8")
 
 
 def how_it_ended(node) -> str:

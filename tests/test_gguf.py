@@ -155,14 +155,15 @@ def test_export_writes_the_file_its_row_was_measured_on(tmp_path, capsys):
     assert row["method"] == "gguf" and row["params"]["type"] == "Q4_0" and row["kl_mean"] > 0
     # The copied file, scored again on the same windows, gives the row's perplexity.
     session = runner.Session.open(ModelSpec("bundled", device="cpu"), EvalConfig(max_tokens=256, decode_tokens=0))
+    model = LlamaCppModel(out / "smollm2-135m-Q4_0.gguf", torch.get_num_threads())
     again = perplexity.perplexity(
-        LlamaCppModel(out / "smollm2-135m-Q4_0.gguf", torch.get_num_threads()),
-        session.eval_ids,
-        session.eval.max_length,
-        session.eval.stride,
-        bos_token_id=session.bos_id,
+        model, session.eval_ids, session.eval.max_length, session.eval.stride, bos_token_id=session.bos_id
     )
     assert again.ppl == pytest.approx(row["ppl"], rel=1e-6)
+    model.close()
+    model.close()  # a second close frees nothing twice
+    with pytest.raises(WorkbenchError, match="closed"):
+        model(torch.tensor([session.eval_ids[:8]]))
     assert "Wrote" in capsys.readouterr().out
 
 

@@ -76,10 +76,27 @@ class LlamaCppModel:
     def parameters(self):
         yield self._where
 
+    def close(self) -> None:
+        """Free llama.cpp's context, then its model (again: nothing). Left to Python, a garbage
+        cycle could free them the other way round: cyllama's context holds its model by a
+        reference that the cycle collector may drop first, and freeing a context reads its model.
+        Finalizers run before the collector clears anything, hence `__del__`."""
+        context, model = getattr(self, "_context", None), getattr(self, "_model", None)
+        self._context, self._model, self._n_ctx = None, None, 0
+        if context is not None:
+            context.close()
+        if model is not None:
+            model.close()
+
+    __del__ = close
+
     def _context_for(self, n_tokens: int):
         """A context that decodes `n_tokens` at once with logits for each, with an empty KV cache."""
+        if self._model is None:
+            raise WorkbenchError("this llama.cpp model was closed.")
         if n_tokens > self._n_ctx:
-            self._context = None  # free the smaller one first
+            if self._context is not None:
+                self._context.close()  # the smaller one first
             params = self._bindings.LlamaContextParams()
             params.n_ctx = params.n_batch = params.n_ubatch = max(n_tokens, 64)
             params.n_threads = params.n_threads_batch = self.threads
