@@ -70,7 +70,8 @@ def pytest_configure(config):
             os.environ[LAST_WORDS] = tempfile.mkdtemp(prefix="workbench-pytest-")
         return
     if os.environ.get(LAST_WORDS):
-        _keep_last_words(Path(os.environ[LAST_WORDS]) / f"{worker['workerid']}.log")
+        # A plugin, not this conftest's own hook: those see only the tests under tests/, not the notebooks.
+        config.pluginmanager.register(LastWords(Path(os.environ[LAST_WORDS]) / f"{worker['workerid']}.log"))
 
 
 def pytest_unconfigure(config):
@@ -78,23 +79,21 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ.pop(LAST_WORDS), ignore_errors=True)  # what a crash report needed is printed
 
 
-def _keep_last_words(path: Path) -> None:
-    global _last_words
-    import faulthandler
-    import signal
+class LastWords:
+    """A pytest worker's log: each test as it starts, with the worker's memory; Python's traceback
+    of every thread if a fatal signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) or a SIGTERM ends it."""
 
-    _last_words = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (open until the process ends)
-    _last_words.write(f"pid {os.getpid()}\n")
-    faulthandler.enable(_last_words, all_threads=True)  # SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT
-    faulthandler.register(signal.SIGTERM, _last_words, all_threads=True, chain=True)
+    def __init__(self, path: Path):
+        import faulthandler
+        import signal
 
+        self.file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (open until the process ends)
+        self.file.write(f"pid {os.getpid()}\n")
+        faulthandler.enable(self.file, all_threads=True)
+        faulthandler.register(signal.SIGTERM, self.file, all_threads=True, chain=True)
 
-_last_words = None
-
-
-def pytest_runtest_logstart(nodeid, location):
-    if _last_words is not None:
-        _last_words.write(f"{time.strftime('%H:%M:%S')} rss {_rss_mb():,.0f} MB  {nodeid}\n")
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.file.write(f"{time.strftime('%H:%M:%S')} rss {_rss_mb():,.0f} MB  {nodeid}\n")
 
 
 def _rss_mb() -> float:
