@@ -97,7 +97,8 @@ class LlamaCppModel:
             raise WorkbenchError("this llama.cpp model was closed.")
         if n_tokens > self._n_ctx:
             if self._context is not None:
-                self._context.close()  # the smaller one first
+                self._context.close()  # the smaller one first (and never used again if the next fails)
+                self._context, self._n_ctx = None, 0
             params = self._bindings.LlamaContextParams()
             params.n_ctx = params.n_batch = params.n_ubatch = max(n_tokens, 64)
             params.n_threads = params.n_threads_batch = self.threads
