@@ -76,7 +76,9 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     if getattr(config, "workerinput", None) is None and os.environ.get(LAST_WORDS):
-        shutil.rmtree(os.environ.pop(LAST_WORDS), ignore_errors=True)  # what a crash report needed is printed
+        folder = os.environ.pop(LAST_WORDS)
+        if not _crashed:  # after a crash the logs stay, whole, where its report says
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class LastWords:
@@ -166,9 +168,20 @@ def last_words(node) -> list[str]:
         f"files it ran: {', '.join(files)}",
         "its last tests:",
         *(said[i] for i in started[-5:]),
-        f"what it said after them ({len(after)} lines, {path}):",
-        *after[:80],
+        f"what it said after them ({len(after)} lines, all in {path}):",
+        *current_thread_first(after)[:80],
     ]
+
+
+def current_thread_first(lines: list[str]) -> list[str]:
+    """faulthandler's dump with the thread that received the signal first (after the "Fatal Python
+    error" line, if any): with gptqmodel's, torch's and Ray's threads it can come last."""
+    start = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), None)
+    if start is None:
+        return lines
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("  ")), len(lines))
+    head = 1 if lines[0].startswith("Fatal Python error") else 0
+    return lines[:head] + lines[start:end] + lines[head:start] + lines[end:]
 
 
 def why_processes_died() -> str:
