@@ -3,8 +3,10 @@
 The offline last-word task (`wb_lastword`, LAMBADA's protocol, all 500 passages) through
 lm-evaluation-harness on the bundled model, each method in its own worker: fp32, bnb-int8,
 bnb-nf4 and 2-bit round-to-nearest. Expected order: fp32 >= bnb-int8 (within noise) > bnb-nf4,
-and 2-bit near chance. Prints each accuracy ± standard error, the differences in standard errors,
-and the seconds each method's tasks took.
+and 2-bit near chance. Prints each accuracy ± standard error and each neighbouring pair's difference
+twice: in the rows' own standard errors combined (unpaired), and in the standard error of the
+per-passage differences (paired: both methods read the same passages, so only the passages where
+they disagree count).
 Run: .venv/bin/python bench/task_accuracy.py [--methods fp32,bnb-int8,bnb-nf4,rtn:bits=2] [--limit N]
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 from workbench.core.config import EvalConfig, ModelSpec, TaskSpec
+from workbench.metrics import tasks
 from workbench.run import runner
 from workbench.run.compare import compare
 
@@ -42,8 +45,14 @@ def main() -> None:
     for a, b in zip(labels, labels[1:]):
         difference = scores[a]["value"] - scores[b]["value"]
         errors = difference / (scores[a]["stderr"] ** 2 + scores[b]["stderr"] ** 2) ** 0.5
-        print(f"{a} - {b}: {100 * difference:+.1f} points = {errors:+.1f} standard errors")
+        _, paired_stderr = tasks.paired_difference(scores[a], scores[b])
+        paired = difference / paired_stderr if paired_stderr else float("inf")
+        print(
+            f"{a} - {b}: {100 * difference:+.1f} points = {errors:+.1f} standard errors unpaired, "
+            f"{paired:+.1f} paired (± {100 * paired_stderr:.1f} points)"
+        )
         summary[f"{a} - {b} (standard errors)"] = round(errors, 1)
+        summary[f"{a} - {b} (paired standard errors)"] = round(paired, 1)
     details = [
         {
             "method": r.label,

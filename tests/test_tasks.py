@@ -130,6 +130,20 @@ def test_rows_without_tasks_keep_their_identity_and_tasks_change_it():
     assert row.key() != with_tasks.key()
 
 
+def test_a_paired_difference_counts_only_the_documents_where_two_rows_disagree():
+    same = [1.0] * 90 + [0.0] * 10
+    a = {"per_document": same}
+    b = {"per_document": same[:85] + [0.0] * 5 + same[90:]}  # b misses 5 that a gets right
+    difference, stderr = tasks.paired_difference(a, b)
+    assert difference == pytest.approx(0.05)
+    assert stderr == pytest.approx((sum((x - 0.05) ** 2 for x in [1.0] * 5 + [0.0] * 95) / 99 / 100) ** 0.5)
+    unpaired = (0.9 * 0.1 / 99 + 0.85 * 0.15 / 99) ** 0.5
+    assert stderr < unpaired / 2  # pairing removes the documents both get right or both miss
+    assert tasks.paired_difference(a, a) == (0.0, 0.0)
+    with pytest.raises(WorkbenchError, match="same documents"):
+        tasks.paired_difference(a, {"per_document": same[:50]})
+
+
 # ---------------------------------------------------------------------------- on models
 
 
@@ -143,6 +157,8 @@ def test_your_own_questions_give_accuracy_with_its_standard_error_per_method(tin
         score = row["tasks"]["file_example_questions"]
         assert score["metric"] == "acc" and score["n"] == 20 and 0 <= score["value"] <= 1
         assert score["stderr"] == pytest.approx((score["value"] * (1 - score["value"]) / 19) ** 0.5)
+        assert set(score["per_document"]) <= {0.0, 1.0} and len(score["per_document"]) == 20
+        assert sum(score["per_document"]) / 20 == pytest.approx(score["value"])
         assert row["protocol"]["tasks"][0]["data_sha"]  # the file's content is part of the identity
     assert "file_example_questions acc %" in capsys.readouterr().out
 
@@ -177,6 +193,7 @@ def test_a_bootstrapped_standard_error_is_computed_inside_a_worker(tiny_folder, 
     assert row["error"] is None
     score = row["tasks"]["file_mine"]
     assert score["metric"] == "perplexity" and score["n"] == 30 and score["stderr"] > 0
+    assert score["per_document"] is None  # a corpus metric has no per-document score
 
 
 @pytest.mark.model
@@ -197,22 +214,26 @@ def test_lm_eval_run_directly_gives_the_rows_number(bundled_source):
         batch_size=4,
     )
     direct = lm_eval.simple_evaluate(
-        model=lm, tasks=[tasks.offline_task_config("wb_lastword")], limit=40, verbosity="ERROR"
+        model=lm, tasks=[tasks.offline_task_config("wb_lastword")], limit=40, verbosity="ERROR", log_samples=True
     )
     values = direct["results"]["wb_lastword"]
     assert row.tasks["wb_lastword"]["value"] == values["acc,none"]
     assert row.tasks["wb_lastword"]["stderr"] == values["acc_stderr,none"]
     assert row.tasks["wb_lastword"]["n"] == 40
+    direct_documents = sorted(direct["samples"]["wb_lastword"], key=lambda s: s["doc_id"])
+    assert row.tasks["wb_lastword"]["per_document"] == [float(s["acc"]) for s in direct_documents]
 
 
 @pytest.mark.model
-def test_the_offline_last_word_task_collapses_with_2_bit_rounding():
+def test_2_bit_rounding_collapses_the_last_word_task_and_fp32_beats_chance_on_questions():
     """The first 100 passages: fp32 finds about half the last words, 2-bit round-to-nearest almost
     none, many standard errors apart. The full order (fp32, bnb-int8, bnb-nf4, 2-bit on all 500
-    passages, minutes) is bench/task_accuracy.py's: fp32 56.8%, int8 57.0%, nf4 53.8%, 2-bit 0.2%."""
+    passages, minutes) is bench/task_accuracy.py's: fp32 56.8%, int8 57.0%, nf4 53.8%, 2-bit 0.2%.
+    The same rows answer the 20 example questions (four choices each): fp32 above chance (60% measured)."""
+    questions = tasks.parse(None, [str(QUESTIONS)])
     session = runner.Session.open(
         ModelSpec("bundled", device="cpu"),
-        EvalConfig(max_tokens=128, decode_tokens=0, tasks=(TaskSpec("wb_lastword", limit=100),)),
+        EvalConfig(max_tokens=128, decode_tokens=0, tasks=(TaskSpec("wb_lastword", limit=100), *questions)),
         quiet,
     )
     rows = compare(session, ["fp32", "rtn:bits=2"], log=quiet, executor=executors.InProcess())
@@ -220,3 +241,5 @@ def test_the_offline_last_word_task_collapses_with_2_bit_rounding():
     assert fp32["n"] == two_bit["n"] == 100
     assert fp32["value"] > 0.3 and two_bit["value"] < 0.05
     assert fp32["value"] - two_bit["value"] > 6 * (fp32["stderr"] ** 2 + two_bit["stderr"] ** 2) ** 0.5
+    answered = rows[0].tasks["file_example_questions"]
+    assert answered["n"] == 20 and answered["value"] - 0.25 > 2 * answered["stderr"]
