@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from workbench.core.config import EvalConfig, ModelSpec, TaskSpec
-from workbench.metrics import tasks
+from workbench.metrics import task_scores
 from workbench.run import runner
 from workbench.run.compare import compare
 
@@ -45,7 +45,7 @@ def main() -> None:
     for a, b in zip(labels, labels[1:]):
         difference = scores[a]["value"] - scores[b]["value"]
         errors = difference / (scores[a]["stderr"] ** 2 + scores[b]["stderr"] ** 2) ** 0.5
-        _, paired_stderr = tasks.paired_difference(scores[a], scores[b])
+        _, paired_stderr = task_scores.paired_difference(scores[a], scores[b])
         paired = difference / paired_stderr if paired_stderr else float("inf")
         print(
             f"{a} - {b}: {100 * difference:+.1f} points = {errors:+.1f} standard errors unpaired, "

@@ -13,7 +13,7 @@ import pytest
 from workbench.cli import main
 from workbench.core.config import EvalConfig, ModelSpec, TaskSpec
 from workbench.core.errors import WorkbenchError
-from workbench.metrics import tasks
+from workbench.metrics import task_scores, tasks
 from workbench.run import executors, results, runner
 from workbench.run.compare import compare
 
@@ -134,14 +134,14 @@ def test_a_paired_difference_counts_only_the_documents_where_two_rows_disagree()
     same = [1.0] * 90 + [0.0] * 10
     a = {"per_document": same}
     b = {"per_document": same[:85] + [0.0] * 5 + same[90:]}  # b misses 5 that a gets right
-    difference, stderr = tasks.paired_difference(a, b)
+    difference, stderr = task_scores.paired_difference(a, b)
     assert difference == pytest.approx(0.05)
     assert stderr == pytest.approx((sum((x - 0.05) ** 2 for x in [1.0] * 5 + [0.0] * 95) / 99 / 100) ** 0.5)
     unpaired = (0.9 * 0.1 / 99 + 0.85 * 0.15 / 99) ** 0.5
     assert stderr < unpaired / 2  # pairing removes the documents both get right or both miss
-    assert tasks.paired_difference(a, a) == (0.0, 0.0)
+    assert task_scores.paired_difference(a, a) == (0.0, 0.0)
     with pytest.raises(WorkbenchError, match="same documents"):
-        tasks.paired_difference(a, {"per_document": same[:50]})
+        task_scores.paired_difference(a, {"per_document": same[:50]})
 
 
 # ---------------------------------------------------------------------------- on models

@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from unittest.mock import patch
@@ -30,6 +29,7 @@ from unittest.mock import patch
 from workbench.core import files
 from workbench.core.config import TaskSpec
 from workbench.core.errors import WorkbenchError
+from workbench.metrics.task_scores import TaskScores, main_metric
 from workbench.sources.data import FINETUNE_DIR
 
 LM_EVAL_PIN = "lm-eval==0.4.13"
@@ -298,17 +298,6 @@ def _yaml_task(path: Path, name: str) -> dict:
 # ---------------------------------------------------------------------------- running
 
 
-@dataclass(frozen=True)
-class TaskScores:
-    """Each task's main metric with its standard error, as lm-eval reported them."""
-
-    scores: dict
-    """task -> {metric, value, stderr, n, version, fewshot, limit, per_document}"""
-
-    def result_fields(self) -> dict:
-        return {"tasks": self.scores}
-
-
 def run(model, tokenizer, specs: tuple[TaskSpec, ...], batch_size: int, log: Callable[[str], None]) -> TaskScores:
     """Every task of `specs` on `model` (a transformers model, any method), one lm-eval call each."""
     import lm_eval
@@ -363,49 +352,3 @@ def _bootstrap_without_a_pool():
     if multiprocessing.current_process().daemon:
         return patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"})
     return nullcontext()
-
-
-def main_metric(out: dict, spec: TaskSpec) -> dict:
-    """The task's first metric (lm-eval's order: `acc` before `acc_norm` or `perplexity`) and its stderr."""
-    (name, values), *_ = out["results"].items()
-    metric_key = next(k for k in values if "," in k and "_stderr," not in k)
-    metric, _, filter_name = metric_key.partition(",")
-    stderr = values.get(f"{metric}_stderr,{filter_name}")
-    samples = out.get("n-samples", {}).get(name, {})
-    logged = sorted(
-        (s for s in out.get("samples", {}).get(name, []) if s.get("filter") == filter_name), key=lambda s: s["doc_id"]
-    )
-    per_document = [s.get(metric) for s in logged]
-    value = float(values[metric_key])
-    if not _averages_to(per_document, value):
-        per_document = None  # a corpus metric (perplexity aggregates log-likelihoods, not scores)
-    return {
-        "metric": metric,
-        "value": value,
-        "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-        "n": int(samples.get("effective", 0)),
-        "version": str(out.get("versions", {}).get(name, "")),
-        "fewshot": int(out.get("n-shot", {}).get(name, 0) or 0),
-        "limit": spec.limit,
-        "per_document": [float(v) for v in per_document] if per_document else None,  # in document order
-    }
-
-
-def _averages_to(scores: list, value: float) -> bool:
-    """Whether `scores` are per-document numbers whose mean is the task's `value` (acc, exact_match)."""
-    if not scores or not all(isinstance(v, (int, float)) for v in scores):
-        return False
-    return abs(sum(scores) / len(scores) - value) <= 1e-9 * max(1.0, abs(value))
-
-
-def paired_difference(a: dict, b: dict) -> tuple[float, float]:
-    """Score `a` minus score `b` (two rows' entries for one task, same documents) and the standard
-    error of that difference from the per-document differences. Two methods mostly get the same
-    documents right, so this error is far smaller than the two rows' own errors combined."""
-    if not a.get("per_document") or not b.get("per_document") or len(a["per_document"]) != len(b["per_document"]):
-        raise WorkbenchError("tasks: a paired difference needs both rows' per-document scores on the same documents.")
-    differences = [x - y for x, y in zip(a["per_document"], b["per_document"])]
-    n = len(differences)
-    mean = sum(differences) / n
-    variance = sum((d - mean) ** 2 for d in differences) / (n - 1) if n > 1 else 0.0
-    return mean, (variance / n) ** 0.5

@@ -30,7 +30,7 @@ from workbench import methods
 from workbench.core import allocator, files
 from workbench.core.errors import WorkbenchError
 from workbench.methods import Choice
-from workbench.metrics import divergence, memory, perplexity, speed, tasks
+from workbench.metrics import divergence, memory, perplexity, speed, task_scores, tasks
 from workbench.run.results import Result
 from workbench.run.session import SEED, SPEED_PROMPT, Session, backend_of, environment  # noqa: F401 (runner.Session)
 from workbench.sources import data, hub
@@ -119,7 +119,7 @@ class Measurements:
     """The forward pass before measuring (`speed.warm_up`): counted with the load time."""
     divergence: divergence.Stats | None = None
     """KL and top-1 agreement against the reference; None when its distributions are not recorded."""
-    tasks: tasks.TaskScores | None = None
+    tasks: task_scores.TaskScores | None = None
     """Task accuracy (`measure_tasks`), measured after the run peak; None when none was asked for."""
 
     def result_fields(self) -> dict:
@@ -169,7 +169,7 @@ def measure(
     return Measurements(ppl, eval_s, decode, warm_up_s, stats)
 
 
-def measure_tasks(session: Session, built: Built, log: Callable[[str], None] = print) -> tasks.TaskScores:
+def measure_tasks(session: Session, built: Built, log: Callable[[str], None] = print) -> task_scores.TaskScores:
     """The session's tasks on the built model, through lm-eval."""
     return tasks.run(built.model, session.tokenizer, session.eval.tasks, session.eval.batch_for(session.device), log)
 
