@@ -74,9 +74,11 @@ def main() -> None:
             }
         )
     failed = [row["label"] for row in rows if row.get("error")]
-    print(f"\nbuild {build:.0f} s + measure {measure:.0f} s; the whole command {wall:.0f} s (goal {GOAL_S} s)")
+    whole = args.methods == "all"  # the goal is for the whole registry; a subset is timed without it
+    goal = f"(goal {GOAL_S} s)" if whole else "(a subset: the goal is for --methods all)"
+    print(f"\nbuild {build:.0f} s + measure {measure:.0f} s; the whole command {wall:.0f} s {goal}")
     summary = {
-        "whole command (s)": record.goal(round(wall), f"<= {GOAL_S}"),
+        "whole command (s)": record.goal(round(wall), f"<= {GOAL_S}") if whole else round(wall),
         "build, all methods (s)": round(build),
         "measure, all methods (s)": round(measure),
         "methods measured": len(rows) - len(failed),
