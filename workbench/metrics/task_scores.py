@@ -56,8 +56,8 @@ def _averages_to(scores: list, value: float) -> bool:
 
 def paired_difference(a: dict, b: dict) -> tuple[float, float]:
     """Score `a` minus score `b` (two rows' entries for one task, same documents) and the standard
-    error of that difference from the per-document differences. Two methods mostly get the same
-    documents right, so this error is far smaller than the two rows' own errors combined."""
+    error of that difference from the per-document differences. Where two methods mostly get the same
+    documents right and the same ones wrong, this error is far smaller than the rows' own errors combined."""
     if not a.get("per_document") or not b.get("per_document") or len(a["per_document"]) != len(b["per_document"]):
         raise WorkbenchError("tasks: a paired difference needs both rows' per-document scores on the same documents.")
     differences = [x - y for x, y in zip(a["per_document"], b["per_document"])]
