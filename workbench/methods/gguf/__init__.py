@@ -18,6 +18,9 @@ from the calibration blocks (`imatrix`, `retype`); cyllama 0.2.18 cannot pass on
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 from workbench.methods.base import Method, Param, compute_bits
 from workbench.methods.gguf import stored
 from workbench.methods.gptq import BLOCK_TOKENS, SAMPLES
@@ -158,7 +161,10 @@ def _quantize_map_mix(request):
     f32 = {t.name: t.data for t in GGUFReader(source).tensors}
     budget = sum(int(t.n_bytes) for t in GGUFReader(template).tensors if t.name in map_kl)
     request.log(f"[gguf] choosing types for {len(map_kl)} tensors within {budget / 1e6:.1f} MB...")
-    ladders = {name: mix.options(f32[name], weights.mean(name), kl) for name, kl in map_kl.items()}
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # ggml's quantizer runs outside the GIL
+        ladders = dict(
+            zip(map_kl, pool.map(lambda name: mix.options(f32[name], weights.mean(name), map_kl[name]), map_kl))
+        )
     chosen = mix.plan(ladders, budget)
     types = {name: GGMLQuantizationType[option.kind] for name, option in chosen.items()}
     out = _map_file(request.workdir, request.params)
