@@ -24,7 +24,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 OUT = BENCH / "out"
 README = BENCH / "README.md"
-COMPARE = {"<": operator.lt, "<=": operator.le, ">=": operator.ge}
+COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
 def goal(value: float, target: str) -> dict:
