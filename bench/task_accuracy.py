@@ -43,9 +43,8 @@ def main() -> None:
     labels = list(scores)
     summary = {f"{label} acc (%)": round(100 * scores[label]["value"], 1) for label in labels}
     for a, b in zip(labels, labels[1:]):
-        difference = scores[a]["value"] - scores[b]["value"]
+        difference, paired_stderr = task_scores.paired_difference(scores[a], scores[b])
         errors = difference / (scores[a]["stderr"] ** 2 + scores[b]["stderr"] ** 2) ** 0.5
-        _, paired_stderr = task_scores.paired_difference(scores[a], scores[b])
         paired = difference / paired_stderr if paired_stderr else float("inf")
         print(
             f"{a} - {b}: {100 * difference:+.1f} points = {errors:+.1f} standard errors unpaired, "
