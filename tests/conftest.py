@@ -62,12 +62,19 @@ its last words: the tests it started, its memory, and Python's traceback if a fa
 SIGTERM ends it."""
 
 
+_own_folder: list[str] = []
+"""The last-words folder this process made (xdist's controller): only it removes the folder. A pytest
+run inside a test inherits the variable; it once removed the folder, and the next worker that
+replaced a dead one could not start (INTERNALERROR, and the rest of the suite never ran)."""
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own faulthandler plugin, which writes to stderr
 def pytest_configure(config):
     worker = getattr(config, "workerinput", None)
     if worker is None:
         if config.getoption("numprocesses", None):
             os.environ[LAST_WORDS] = tempfile.mkdtemp(prefix="workbench-pytest-")
+            _own_folder.append(os.environ[LAST_WORDS])
         return
     if os.environ.get(LAST_WORDS):
         # A plugin, not this conftest's own hook: those see only the tests under tests/, not the notebooks.
@@ -75,8 +82,9 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    if getattr(config, "workerinput", None) is None and os.environ.get(LAST_WORDS):
-        folder = os.environ.pop(LAST_WORDS)
+    if _own_folder:
+        folder = _own_folder.pop()
+        os.environ.pop(LAST_WORDS, None)
         if not _crashed:  # after a crash the logs stay, whole, where its report says
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -89,6 +97,7 @@ class LastWords:
         import faulthandler
         import signal
 
+        path.parent.mkdir(parents=True, exist_ok=True)  # a worker must start even if a test removed it
         self.file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (open until the process ends)
         self.file.write(f"pid {os.getpid()}\n")
         faulthandler.enable(self.file, all_threads=True)
@@ -111,6 +120,7 @@ it gets them (a notebook whole), and `make test` runs them again, alone, in a fr
 
 _crashed: list[str] = []
 _failed: set[str] = set()
+_reported: set[str] = set()
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -125,13 +135,18 @@ def pytest_handlecrashitem(crashitem, report, sched):
 
 
 def pytest_runtest_logreport(report):
+    _reported.add(report.nodeid)
     if report.failed:
         _failed.add(report.nodeid)
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
+    """Name the crashed tests for a rerun only when the run ended normally with failures, all of them
+    crashes, and every test collected was reported: after an internal error or an interruption the
+    other tests did not all run."""
     path = os.environ.get(CRASHED)
-    if path and _crashed and _failed <= set(_crashed) and not hasattr(session.config, "workerinput"):
+    ended_normally = exitstatus == pytest.ExitCode.TESTS_FAILED and len(_reported) >= session.testscollected
+    if path and ended_normally and _crashed and _failed <= set(_crashed) and not hasattr(session.config, "workerinput"):
         again = dict.fromkeys(n.split("::")[0] if n.startswith("notebooks/") else n for n in _crashed)
         Path(path).write_text("".join(f"{nodeid}\n" for nodeid in again), encoding="utf-8")
 

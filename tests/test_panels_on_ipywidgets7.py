@@ -25,7 +25,8 @@ def test_the_panels_pass_on_ipywidgets_7_7_1():
     if not (WIDGETS7 / "ipywidgets").is_dir():
         pytest.skip("ipywidgets 7.7.1 is not in .widgets7: `make test` installs it there")
     env = {**os.environ, "PYTHONPATH": str(WIDGETS7), "WORKBENCH_EXPECT_IPYWIDGETS": "7.7.1"}
-    env = {name: value for name, value in env.items() if not name.startswith("PYTEST_")}  # a pytest of its own
+    # a pytest of its own: not one of this run's workers, nor its crash bookkeeping (tests/conftest.py)
+    env = {name: value for name, value in env.items() if not name.startswith(("PYTEST_", "WORKBENCH_PYTEST_"))}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *PANEL_TESTS],
         cwd=ROOT,
