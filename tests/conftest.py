@@ -75,10 +75,35 @@ def pytest_configure(config):
         if config.getoption("numprocesses", None):
             os.environ[LAST_WORDS] = tempfile.mkdtemp(prefix="workbench-pytest-")
             _own_folder.append(os.environ[LAST_WORDS])
+            _requeue_only_unfinished_files()
         return
     if os.environ.get(LAST_WORDS):
         # A plugin, not this conftest's own hook: those see only the tests under tests/, not the notebooks.
         config.pluginmanager.register(LastWords(Path(os.environ[LAST_WORDS]) / f"{worker['workerid']}.log"))
+
+
+def _requeue_only_unfinished_files() -> None:
+    """pytest-xdist 3.8.0 with `--dist loadfile` hangs at the end of a run in which a worker died: it
+    puts every file the dead worker had, finished ones included, back on the queue, and a worker
+    handed a file with nothing left to run waits forever (pytest-dev/pytest-xdist#1378, open; a
+    fresh-clone `make test` hung so). Here only files with tests left go back, and the test the worker
+    died on is not run again by its replacement (pytest-dev/pytest-xdist#1371): it is reported as
+    crashed, and `make test` runs it again alone."""
+    from xdist.scheduler.loadscope import LoadScopeScheduling
+
+    def remove_node(self, node):
+        workload = self.assigned_work.pop(node)
+        pending = [(scope, nodeid) for scope, tests in workload.items() for nodeid, done in tests.items() if not done]
+        if not pending:
+            return None
+        scope, crashitem = pending[0]  # the first test not finished is the one it was running
+        workload[scope][crashitem] = True
+        self.workqueue.update({scope: tests for scope, tests in workload.items() if not all(tests.values())})
+        for other in self.assigned_work:
+            self._reschedule(other)
+        return crashitem
+
+    LoadScopeScheduling.remove_node = remove_node
 
 
 def pytest_unconfigure(config):
