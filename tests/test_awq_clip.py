@@ -66,7 +66,9 @@ def test_the_matmul_search_picks_the_exact_best_try_and_mostly_agrees_with_gptqm
         assert ours.shape == upstream.shape == (128, 256 // GROUP, 1)
         best = errors.min(dim=0).values
         chosen = errors.gather(0, _tries(ours, largest)[None])[0]
-        assert torch.all(chosen <= best * (1 + 1e-6))  # the float64 optimum among the same tries
+        # the float64 optimum among the same tries, up to fp32 rounding (its order differs between CPUs);
+        # gptqmodel's bf16 products miss it by up to 7.6 % on the bundled model
+        assert torch.all(chosen <= best * (1 + 1e-4))
         # gptqmodel rounds each product to bf16: it differs only where that decides a near tie
         assert (ours == upstream).float().mean() >= 0.9
 

@@ -46,7 +46,7 @@ def compute_best_clip(processor, w, input_feat, n_grid=20, max_shrink=0.5, n_sam
             weights = w[start : start + batch]
             original_max = weights.abs().amax(dim=-1, keepdim=True)  # rows x 1 x groups x 1
             best = original_max.clone()
-            least_error = torch.full(original_max.shape, 1e9)  # as gptqmodel starts
+            least_error = torch.full_like(original_max, 1e9, dtype=torch.float32)  # as gptqmodel starts, on w's device
             original_out = torch.bmm(x, _groups_by_rows(weights))
             for shrink in range(int(max_shrink * n_grid)):
                 bound = original_max * (1 - shrink / n_grid)
